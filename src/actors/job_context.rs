@@ -1,0 +1,578 @@
+//! JobContextActor: the job registry. It stores accepted jobs, hands each to an idle device,
+//! joins the device's measurement with the job's context into a row for the writer, and
+//! reports a job finished only once its row is committed.
+//!
+//! The queue lives here, not in the devices' mailboxes, so a device that crashes loses at
+//! most the job it was running, and that job is recorded as failed.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use sea_orm::sea_query::OnConflict;
+use sea_orm::{ActiveValue::NotSet, ActiveValue::Set, DatabaseConnection, DbErr, EntityTrait};
+use serde_json::json;
+use thiserror::Error;
+use uuid::Uuid;
+
+use crate::actors::gpu_model::{GpuModelMessage, WorkOutcome, WorkReport};
+use crate::actors::telemetry_writer::{NewMetric, TelemetryWriterMessage};
+use crate::events::GenerationItem;
+use crate::generation::{Job, JobStatus};
+use crate::model::GenerationError;
+use crate::storage::entities::{generation_jobs, personas, users};
+
+/// Finished jobs kept in memory for status reads; older ones are read from the database.
+const FINISHED_JOBS_KEPT: usize = 10_000;
+
+/// A job as a client sees it.
+#[derive(Debug, Clone)]
+pub struct JobView {
+    /// The job.
+    pub job: Job,
+    /// Where it stands.
+    pub status: JobStatus,
+    /// The device running or that ran it.
+    pub device: Option<String>,
+    /// Steps done and total, while it runs.
+    pub progress: Option<(u32, u32)>,
+    /// Its committed row, once finished.
+    pub metrics: Option<GenerationItem>,
+    /// Its files, relative to its output folder.
+    pub files: Vec<String>,
+}
+
+/// Why a job was not accepted.
+#[derive(Debug, Error)]
+pub enum SubmitError {
+    /// The database refused to store it.
+    #[error("the job could not be stored: {0}")]
+    Storage(#[from] DbErr),
+}
+
+/// Why a job could not be cancelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// It will stop and leave a cancelled row.
+    Cancelling,
+    /// It had already ended.
+    AlreadyFinished(JobStatus),
+    /// No such job is known.
+    NotFound,
+}
+
+/// Messages to the JobContextActor.
+pub enum JobContextMessage {
+    /// Stores and queues a job.
+    SubmitJob(Job, RpcReplyPort<Result<(), SubmitError>>),
+    /// A job's view, if it is known in memory.
+    GetJob(Uuid, RpcReplyPort<Option<JobView>>),
+    /// Cancels a queued or running job.
+    CancelJob(Uuid, RpcReplyPort<CancelOutcome>),
+    /// A device is ready (at start or after a restart).
+    DeviceReady {
+        /// Position of the device.
+        device_index: usize,
+        /// Its actor.
+        actor: ActorRef<GpuModelMessage>,
+    },
+    /// A device's actor crashed; the job it held has failed.
+    DeviceCrashed {
+        /// Position of the device.
+        device_index: usize,
+        /// What happened.
+        reason: String,
+    },
+    /// Work on a job began on its device.
+    JobStarted {
+        /// The job.
+        job_id: Uuid,
+        /// Its device.
+        device_index: usize,
+    },
+    /// Steps done on a running job.
+    JobProgress {
+        /// The job.
+        job_id: Uuid,
+        /// Steps done.
+        done: u32,
+        /// Steps in all.
+        total: u32,
+    },
+    /// A device finished a job, with or without outputs.
+    GenerationEnded {
+        /// Its device.
+        device_index: usize,
+        /// The job.
+        job_id: Uuid,
+        /// What the device measured.
+        report: WorkReport,
+    },
+    /// The writer committed a job's row.
+    RowCommitted(Uuid, GenerationItem),
+}
+
+/// Spawn arguments of the JobContextActor.
+pub struct JobContextArguments {
+    /// Jobs are stored here at submission.
+    pub db: DatabaseConnection,
+    /// Rows go here.
+    pub writer: ActorRef<TelemetryWriterMessage>,
+    /// Device names, in order.
+    pub devices: Vec<String>,
+    /// This host's name, stored on every row.
+    pub host: String,
+}
+
+struct DeviceSlot {
+    name: String,
+    actor: Option<ActorRef<GpuModelMessage>>,
+    running: Option<Uuid>,
+}
+
+struct Entry {
+    view: JobView,
+    started: Option<Instant>,
+}
+
+/// State of the JobContextActor.
+pub struct JobContextState {
+    db: DatabaseConnection,
+    writer: ActorRef<TelemetryWriterMessage>,
+    host: String,
+    devices: Vec<DeviceSlot>,
+    queue: VecDeque<Uuid>,
+    jobs: HashMap<Uuid, Entry>,
+    finished: VecDeque<Uuid>,
+}
+
+/// Keeps the registry of jobs and dispatches them.
+pub struct JobContextActor;
+
+impl Actor for JobContextActor {
+    type Msg = JobContextMessage;
+    type State = JobContextState;
+    type Arguments = JobContextArguments;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: JobContextArguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(JobContextState {
+            db: args.db,
+            writer: args.writer,
+            host: args.host,
+            devices: args
+                .devices
+                .into_iter()
+                .map(|name| DeviceSlot {
+                    name,
+                    actor: None,
+                    running: None,
+                })
+                .collect(),
+            queue: VecDeque::new(),
+            jobs: HashMap::new(),
+            finished: VecDeque::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            JobContextMessage::SubmitJob(job, reply) => {
+                let stored = state.store(&job).await;
+                if stored.is_ok() {
+                    state.accept(job);
+                    state.dispatch();
+                }
+                let _ = reply.send(stored.map_err(SubmitError::from));
+            }
+            JobContextMessage::GetJob(job_id, reply) => {
+                let _ = reply.send(state.jobs.get(&job_id).map(|entry| entry.view.clone()));
+            }
+            JobContextMessage::CancelJob(job_id, reply) => {
+                let _ = reply.send(state.cancel(&myself, job_id));
+            }
+            JobContextMessage::DeviceReady {
+                device_index,
+                actor,
+            } => {
+                state.devices[device_index].actor = Some(actor);
+                state.dispatch();
+            }
+            JobContextMessage::DeviceCrashed {
+                device_index,
+                reason,
+            } => {
+                state.device_crashed(&myself, device_index, reason);
+            }
+            JobContextMessage::JobStarted {
+                job_id,
+                device_index,
+            } => {
+                if let Some(entry) = state.jobs.get_mut(&job_id) {
+                    entry.view.status = JobStatus::Running;
+                    entry.view.device = Some(state.devices[device_index].name.clone());
+                    entry.started = Some(Instant::now());
+                }
+            }
+            JobContextMessage::JobProgress {
+                job_id,
+                done,
+                total,
+            } => {
+                if let Some(entry) = state.jobs.get_mut(&job_id) {
+                    entry.view.progress = Some((done, total));
+                }
+            }
+            JobContextMessage::GenerationEnded {
+                device_index,
+                job_id,
+                report,
+            } => {
+                state.devices[device_index].running = None;
+                state.generation_ended(&myself, device_index, job_id, report);
+                state.dispatch();
+            }
+            JobContextMessage::RowCommitted(job_id, item) => state.row_committed(job_id, item),
+        }
+        Ok(())
+    }
+}
+
+impl JobContextState {
+    /// Stores the job as queued, registering its user and persona on first sight.
+    async fn store(&self, job: &Job) -> Result<(), DbErr> {
+        users::Entity::insert(users::ActiveModel {
+            id: Set(job.user_id.clone()),
+            created_at: NotSet,
+        })
+        .on_conflict(
+            OnConflict::column(users::Column::Id)
+                .do_nothing()
+                .to_owned(),
+        )
+        .exec_without_returning(&self.db)
+        .await?;
+        if let Some(persona) = &job.persona_id {
+            personas::Entity::insert(personas::ActiveModel {
+                id: Set(persona.clone()),
+                user_id: Set(job.user_id.clone()),
+                created_at: NotSet,
+            })
+            .on_conflict(
+                OnConflict::column(personas::Column::Id)
+                    .do_nothing()
+                    .to_owned(),
+            )
+            .exec_without_returning(&self.db)
+            .await?;
+        }
+        generation_jobs::Entity::insert(generation_jobs::ActiveModel {
+            id: Set(job.id.to_string()),
+            user_id: Set(job.user_id.clone()),
+            persona_id: Set(job.persona_id.clone()),
+            media_type: Set(job.request.media_type.as_str().to_owned()),
+            model_name: Set(job.request.model_name.clone()),
+            prompt: Set(job.request.prompt.clone()),
+            parameters: Set(serde_json::to_value(&job.request).unwrap_or_default()),
+            status: Set(JobStatus::Queued.as_str().to_owned()),
+            host: Set(self.host.clone()),
+            submitted_at: NotSet,
+            finished_at: NotSet,
+        })
+        .exec_without_returning(&self.db)
+        .await?;
+        Ok(())
+    }
+
+    fn accept(&mut self, job: Job) {
+        tracing::debug!(job.id = %job.id, media_type = job.request.media_type.as_str(), "job queued");
+        self.queue.push_back(job.id);
+        self.jobs.insert(
+            job.id,
+            Entry {
+                view: JobView {
+                    job,
+                    status: JobStatus::Queued,
+                    device: None,
+                    progress: None,
+                    metrics: None,
+                    files: Vec::new(),
+                },
+                started: None,
+            },
+        );
+    }
+
+    /// Hands queued jobs to idle devices, in submission order.
+    fn dispatch(&mut self) {
+        while !self.queue.is_empty() {
+            let Some(slot) = self
+                .devices
+                .iter_mut()
+                .find(|slot| slot.actor.is_some() && slot.running.is_none())
+            else {
+                return;
+            };
+            let Some(job_id) = self.queue.pop_front() else {
+                return;
+            };
+            let Some(entry) = self.jobs.get(&job_id) else {
+                continue;
+            };
+            let actor = slot.actor.as_ref().expect("checked above");
+            if actor
+                .cast(GpuModelMessage::RunGeneration(entry.view.job.clone()))
+                .is_ok()
+            {
+                slot.running = Some(job_id);
+            } else {
+                // The actor is stopping; its supervisor will announce a fresh one.
+                slot.actor = None;
+                self.queue.push_front(job_id);
+            }
+        }
+    }
+
+    fn cancel(&mut self, myself: &ActorRef<JobContextMessage>, job_id: Uuid) -> CancelOutcome {
+        let Some(entry) = self.jobs.get(&job_id) else {
+            return CancelOutcome::NotFound;
+        };
+        match entry.view.status {
+            status if status.is_final() => CancelOutcome::AlreadyFinished(status),
+            JobStatus::Queued if self.queue.contains(&job_id) => {
+                self.queue.retain(|queued| *queued != job_id);
+                let job = entry.view.job.clone();
+                let row = self.row(
+                    &job,
+                    None,
+                    json!({}),
+                    Ended::Cancelled {
+                        elapsed: Duration::ZERO,
+                    },
+                    Instant::now(),
+                );
+                self.append(myself, job_id, row);
+                CancelOutcome::Cancelling
+            }
+            _ => {
+                entry.view.job.cancel.cancel();
+                CancelOutcome::Cancelling
+            }
+        }
+    }
+
+    fn device_crashed(
+        &mut self,
+        myself: &ActorRef<JobContextMessage>,
+        device_index: usize,
+        reason: String,
+    ) {
+        let slot = &mut self.devices[device_index];
+        slot.actor = None;
+        let Some(job_id) = slot.running.take() else {
+            return;
+        };
+        let device = slot.name.clone();
+        let Some(entry) = self.jobs.get(&job_id) else {
+            return;
+        };
+        let started = entry.started.unwrap_or(entry.view.job.submitted);
+        let job = entry.view.job.clone();
+        let ended = Ended::Failed {
+            kind: "worker_crashed",
+            message: reason,
+            elapsed: started.elapsed(),
+        };
+        let row = self.row(&job, Some(device), json!({}), ended, started);
+        self.append(myself, job_id, row);
+    }
+
+    fn generation_ended(
+        &mut self,
+        myself: &ActorRef<JobContextMessage>,
+        device_index: usize,
+        job_id: Uuid,
+        report: WorkReport,
+    ) {
+        let Some(entry) = self.jobs.get_mut(&job_id) else {
+            return;
+        };
+        let job = entry.view.job.clone();
+        let device = self.devices[device_index].name.clone();
+        let (extra, ended) = match report.outcome {
+            WorkOutcome::Finished {
+                measurement,
+                outputs,
+                files,
+                encode_seconds,
+            } => {
+                entry.view.files = files;
+                let mut extra = json!({ "encode_seconds": encode_seconds });
+                if let Some(usage) = &measurement.device_usage {
+                    extra["device_memory"] = serde_json::to_value(usage).unwrap_or_default();
+                }
+                let vram = measurement.vram;
+                extra["vram_source"] = json!(if vram.is_some() { "allocator" } else { "none" });
+                (
+                    extra,
+                    Ended::Succeeded {
+                        duration: measurement.duration,
+                        outputs,
+                        vram,
+                    },
+                )
+            }
+            WorkOutcome::Failed {
+                error: GenerationError::Cancelled,
+                elapsed,
+            } => (json!({}), Ended::Cancelled { elapsed }),
+            WorkOutcome::Failed { error, elapsed } => (
+                json!({}),
+                Ended::Failed {
+                    kind: error.kind(),
+                    message: error.to_string(),
+                    elapsed,
+                },
+            ),
+        };
+        let row = self.row(&job, Some(device), extra, ended, report.started);
+        self.append(myself, job_id, row);
+    }
+
+    /// Joins a job's context with how it ended into a row.
+    fn row(
+        &self,
+        job: &Job,
+        device: Option<String>,
+        mut extra: serde_json::Value,
+        ended: Ended,
+        started: Instant,
+    ) -> NewMetric {
+        let request = &job.request;
+        extra["width"] = json!(request.width);
+        extra["height"] = json!(request.height);
+        extra["steps"] = json!(request.steps);
+        extra["seed"] = json!(request.seed);
+        extra["scheduler"] = json!(request.scheduler);
+        extra["loras"] = json!(request.loras);
+        if request.media_type == crate::generation::MediaType::Video {
+            extra["frames"] = json!(request.frames);
+            extra["fps"] = json!(request.fps);
+        } else {
+            extra["images"] = json!(request.images);
+        }
+        extra["submitted_at"] = json!(job.submitted_at);
+
+        let (status, duration, outputs, vram) = match ended {
+            Ended::Succeeded {
+                duration,
+                outputs,
+                vram,
+            } => (JobStatus::Succeeded, duration, outputs, vram),
+            Ended::Failed {
+                kind,
+                message,
+                elapsed,
+            } => {
+                extra["error"] = json!({ "kind": kind, "message": message });
+                (JobStatus::Failed, elapsed, 0, None)
+            }
+            Ended::Cancelled { elapsed } => (JobStatus::Cancelled, elapsed, 0, None),
+        };
+        let duration_seconds = duration.as_secs_f64();
+        NewMetric {
+            job_id: job.id.to_string(),
+            user_id: job.user_id.clone(),
+            persona_id: job.persona_id.clone(),
+            media_type: request.media_type.as_str().to_owned(),
+            model_name: request.model_name.clone(),
+            prompt: request.prompt.clone(),
+            outputs: outputs as i32,
+            duration_seconds,
+            throughput: (outputs > 0 && duration_seconds > 0.0)
+                .then(|| f64::from(outputs) / duration_seconds),
+            vram_allocated_mb: vram.map(|v| v.allocated_mib),
+            vram_reserved_mb: vram.map(|v| v.reserved_mib),
+            vram_peak_mb: vram.map(|v| v.peak_mib),
+            vram_delta_mb: vram.map(|v| v.delta_mib),
+            extra,
+            status,
+            device: device.unwrap_or_else(|| "none".to_owned()),
+            queue_wait_seconds: started
+                .saturating_duration_since(job.submitted)
+                .as_secs_f64(),
+            host: self.host.clone(),
+        }
+    }
+
+    /// Sends a row to the writer; its commit comes back as `RowCommitted`.
+    fn append(&self, myself: &ActorRef<JobContextMessage>, job_id: Uuid, mut row: NewMetric) {
+        if let Some(entry) = self.jobs.get(&job_id) {
+            row.extra["total_seconds"] = json!(entry.view.job.submitted.elapsed().as_secs_f64());
+        }
+        let writer = self.writer.clone();
+        let myself = myself.clone();
+        tokio::spawn(async move {
+            match writer
+                .call(
+                    |reply| TelemetryWriterMessage::Append(Box::new(row), reply),
+                    None,
+                )
+                .await
+            {
+                Ok(ractor::rpc::CallResult::Success(item)) => {
+                    let _ = myself.cast(JobContextMessage::RowCommitted(job_id, item));
+                }
+                _ => {
+                    tracing::error!(job.id = %job_id, "the writer stopped before committing the job's row")
+                }
+            }
+        });
+    }
+
+    fn row_committed(&mut self, job_id: Uuid, item: GenerationItem) {
+        let Some(entry) = self.jobs.get_mut(&job_id) else {
+            return;
+        };
+        entry.view.status = JobStatus::parse(&item.status).unwrap_or(JobStatus::Failed);
+        tracing::debug!(
+            job.id = %job_id,
+            status = %item.status,
+            duration_seconds = item.duration_seconds,
+            device = %item.device,
+            "job finished"
+        );
+        entry.view.metrics = Some(item);
+        entry.view.progress = None;
+        self.finished.push_back(job_id);
+        while self.finished.len() > FINISHED_JOBS_KEPT {
+            if let Some(old) = self.finished.pop_front() {
+                self.jobs.remove(&old);
+            }
+        }
+    }
+}
+
+enum Ended {
+    Succeeded {
+        duration: Duration,
+        outputs: u32,
+        vram: Option<crate::measure::VramFigures>,
+    },
+    Failed {
+        kind: &'static str,
+        message: String,
+        elapsed: Duration,
+    },
+    Cancelled {
+        elapsed: Duration,
+    },
+}

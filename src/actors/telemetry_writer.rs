@@ -1,0 +1,273 @@
+//! TelemetryWriterActor: commits measurements to `generation_metrics` in batches, publishes
+//! each committed row, and only then answers the job that sent it.
+//!
+//! Rows that arrive while a batch is being committed wait in the mailbox and form the next
+//! batch, so batches grow with load and add no delay when idle. When the database refuses a
+//! batch the writer keeps it and retries with backoff; nothing it holds is dropped.
+
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use sea_orm::{
+    ActiveValue::{NotSet, Set},
+    ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, Statement, TransactionTrait, Value,
+};
+
+use crate::actors::broadcast::BroadcastMessage;
+use crate::events::GenerationItem;
+use crate::generation::JobStatus;
+use crate::storage::entities::generation_metrics;
+use crate::storage::timestamp_parameter;
+
+/// A measurement ready to be stored; `id` and `created_at` come from the database.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewMetric {
+    /// The job measured.
+    pub job_id: String,
+    /// The user who submitted it.
+    pub user_id: String,
+    /// Its persona.
+    pub persona_id: Option<String>,
+    /// `image` or `video`.
+    pub media_type: String,
+    /// The model.
+    pub model_name: String,
+    /// The prompt.
+    pub prompt: String,
+    /// Images or frames produced.
+    pub outputs: i32,
+    /// Inference seconds, or seconds until failure.
+    pub duration_seconds: f64,
+    /// Outputs per second.
+    pub throughput: Option<f64>,
+    /// MiB in use at the end.
+    pub vram_allocated_mb: Option<f64>,
+    /// MiB reserved at the end.
+    pub vram_reserved_mb: Option<f64>,
+    /// Peak MiB in use.
+    pub vram_peak_mb: Option<f64>,
+    /// Peak minus MiB in use at the start.
+    pub vram_delta_mb: Option<f64>,
+    /// Everything without a column.
+    pub extra: serde_json::Value,
+    /// How the job ended.
+    pub status: JobStatus,
+    /// The device that ran it.
+    pub device: String,
+    /// Seconds in the queue.
+    pub queue_wait_seconds: f64,
+    /// This host's name.
+    pub host: String,
+}
+
+impl NewMetric {
+    fn into_active_model(self) -> generation_metrics::ActiveModel {
+        generation_metrics::ActiveModel {
+            id: NotSet,
+            job_id: Set(self.job_id),
+            user_id: Set(self.user_id),
+            persona_id: Set(self.persona_id),
+            media_type: Set(self.media_type),
+            model_name: Set(self.model_name),
+            prompt: Set(self.prompt),
+            outputs: Set(self.outputs),
+            duration_seconds: Set(self.duration_seconds),
+            throughput: Set(self.throughput),
+            vram_allocated_mb: Set(self.vram_allocated_mb),
+            vram_reserved_mb: Set(self.vram_reserved_mb),
+            vram_peak_mb: Set(self.vram_peak_mb),
+            vram_delta_mb: Set(self.vram_delta_mb),
+            extra: Set(self.extra),
+            created_at: NotSet,
+            status: Set(self.status.as_str().to_owned()),
+            device: Set(self.device),
+            queue_wait_seconds: Set(self.queue_wait_seconds),
+            host: Set(self.host),
+        }
+    }
+}
+
+/// Messages to the TelemetryWriterActor.
+pub enum TelemetryWriterMessage {
+    /// Stores a row; the reply comes once it is committed and published.
+    Append(Box<NewMetric>, RpcReplyPort<GenerationItem>),
+    /// Commits what is held.
+    Flush,
+}
+
+/// Spawn arguments of the writer.
+pub struct TelemetryWriterArguments {
+    /// The database.
+    pub db: DatabaseConnection,
+    /// Where committed rows are published.
+    pub broadcast: ActorRef<BroadcastMessage>,
+    /// The most rows in one transaction.
+    pub max_batch: usize,
+}
+
+/// State of the writer: rows not yet committed, oldest first.
+pub struct TelemetryWriterState {
+    db: DatabaseConnection,
+    broadcast: ActorRef<BroadcastMessage>,
+    max_batch: usize,
+    pending: Vec<(Box<NewMetric>, RpcReplyPort<GenerationItem>)>,
+    flush_scheduled: bool,
+    failures: u32,
+}
+
+/// Batches rows into `generation_metrics`.
+pub struct TelemetryWriterActor;
+
+impl Actor for TelemetryWriterActor {
+    type Msg = TelemetryWriterMessage;
+    type State = TelemetryWriterState;
+    type Arguments = TelemetryWriterArguments;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: TelemetryWriterArguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(TelemetryWriterState {
+            db: args.db,
+            broadcast: args.broadcast,
+            max_batch: args.max_batch.max(1),
+            pending: Vec::new(),
+            flush_scheduled: false,
+            failures: 0,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            TelemetryWriterMessage::Append(row, reply) => {
+                state.pending.push((row, reply));
+                if !state.flush_scheduled {
+                    state.flush_scheduled = true;
+                    myself.cast(TelemetryWriterMessage::Flush)?;
+                }
+            }
+            TelemetryWriterMessage::Flush => {
+                state.flush_scheduled = false;
+                self.flush(&myself, state).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        while !state.pending.is_empty() {
+            if let Err(error) = self.commit_batch(state).await {
+                tracing::error!(
+                    rows = state.pending.len(),
+                    error = %error,
+                    "rows lost at shutdown: the database refused them"
+                );
+                break;
+            }
+        }
+        let _ = myself;
+        Ok(())
+    }
+}
+
+impl TelemetryWriterActor {
+    async fn flush(
+        &self,
+        myself: &ActorRef<TelemetryWriterMessage>,
+        state: &mut TelemetryWriterState,
+    ) {
+        while !state.pending.is_empty() {
+            match self.commit_batch(state).await {
+                Ok(()) => state.failures = 0,
+                Err(error) => {
+                    state.failures += 1;
+                    let backoff = retry_backoff(state.failures);
+                    tracing::warn!(
+                        rows = state.pending.len(),
+                        attempt = state.failures,
+                        retry_in_ms = backoff.as_millis() as u64,
+                        error = %error,
+                        "commit failed; keeping the rows and retrying"
+                    );
+                    state.flush_scheduled = true;
+                    myself.send_after(backoff, || TelemetryWriterMessage::Flush);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Commits up to `max_batch` of the oldest pending rows, publishes them, and answers
+    /// their senders. On error nothing is removed from `pending`.
+    async fn commit_batch(&self, state: &mut TelemetryWriterState) -> Result<(), DbErr> {
+        let count = state.pending.len().min(state.max_batch);
+        let batch: Vec<NewMetric> = state.pending[..count]
+            .iter()
+            .map(|(row, _)| (**row).clone())
+            .collect();
+
+        let transaction = state.db.begin().await?;
+        let backend = transaction.get_database_backend();
+        let finished_at = timestamp_parameter(backend, chrono::Utc::now());
+        for row in &batch {
+            let sql = match backend {
+                sea_orm::DatabaseBackend::Postgres => {
+                    "UPDATE generation_jobs SET status = $1, finished_at = $2 WHERE id = $3"
+                }
+                _ => "UPDATE generation_jobs SET status = ?, finished_at = ? WHERE id = ?",
+            };
+            transaction
+                .execute_raw(Statement::from_sql_and_values(
+                    backend,
+                    sql,
+                    [
+                        Value::from(row.status.as_str()),
+                        finished_at.clone(),
+                        Value::from(row.job_id.as_str()),
+                    ],
+                ))
+                .await?;
+        }
+        let committed = generation_metrics::Entity::insert_many(
+            batch.into_iter().map(NewMetric::into_active_model),
+        )
+        .exec_with_returning(&transaction)
+        .await?;
+        transaction.commit().await?;
+
+        let senders: Vec<_> = state
+            .pending
+            .drain(..count)
+            .map(|(_, reply)| reply)
+            .collect();
+        for (row, reply) in committed.into_iter().zip(senders) {
+            let item = GenerationItem::from(row);
+            // Publishing is awaited so that a job is never reported finished before its event
+            // is out; the broadcast actor itself never waits on a client.
+            let _ = state
+                .broadcast
+                .call(
+                    |port| BroadcastMessage::Publish(Box::new(item.clone()), port),
+                    None,
+                )
+                .await;
+            let _ = reply.send(item);
+        }
+        Ok(())
+    }
+}
+
+fn retry_backoff(failures: u32) -> Duration {
+    let millis = 100u64.saturating_mul(1 << failures.min(6));
+    Duration::from_millis(millis.min(5_000))
+}

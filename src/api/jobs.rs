@@ -1,0 +1,457 @@
+//! Generation jobs: submit, read, cancel, and download their files.
+
+use std::time::Instant;
+
+use chrono::Utc;
+use poem::web::Data;
+use poem_openapi::param::Path;
+use poem_openapi::payload::{Binary, Json};
+use poem_openapi::{ApiResponse, Object, OpenApi};
+use ractor::rpc::CallResult;
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+use uuid::Uuid;
+
+use crate::actors::JobContextMessage;
+use crate::actors::job_context::CancelOutcome;
+use crate::api::auth::BearerAuth;
+use crate::api::errors::ErrorBody;
+use crate::api::{ApiTags, AppState};
+use crate::events::GenerationItem;
+use crate::generation::{CancelFlag, GenerationRequest, Job, JobStatus, LoraSpec, MediaType};
+use crate::model::diffusion::BUILTIN_MODEL;
+use crate::model::encode::content_type;
+use crate::storage::entities::{generation_jobs, generation_metrics};
+
+/// A generation request. Sizes are in pixels; unset fields take the documented defaults.
+#[derive(Debug, Clone, Object)]
+pub struct SubmitJobBody {
+    /// `image` or `video`.
+    pub media_type: MediaType,
+    /// The text to condition on.
+    #[oai(validator(min_length = 1, max_length = 2000))]
+    pub prompt: String,
+    /// The persona the job is for.
+    #[oai(validator(min_length = 1, max_length = 128))]
+    pub persona_id: Option<String>,
+    /// The model; default and only choice: `seidra-tiny-diffusion`.
+    pub model: Option<String>,
+    /// Width, a multiple of 8 from 16 to 512; default 64.
+    #[oai(validator(minimum(value = "16"), maximum(value = "512"), multiple_of = "8"))]
+    pub width: Option<u32>,
+    /// Height, a multiple of 8 from 16 to 512; default 64.
+    #[oai(validator(minimum(value = "16"), maximum(value = "512"), multiple_of = "8"))]
+    pub height: Option<u32>,
+    /// Denoising steps, 1 to 200; default 12.
+    #[oai(validator(minimum(value = "1"), maximum(value = "200")))]
+    pub steps: Option<u32>,
+    /// Seed of the initial noise; random when unset (the row records it).
+    pub seed: Option<u64>,
+    /// Images of an image job, 1 to 16; default 1.
+    #[oai(validator(minimum(value = "1"), maximum(value = "16")))]
+    pub images: Option<u32>,
+    /// Frames of a video job, 2 to 120; default 8.
+    #[oai(validator(minimum(value = "2"), maximum(value = "120")))]
+    pub frames: Option<u32>,
+    /// Frames per second of a video job, 1 to 60; default 8.
+    #[oai(validator(minimum(value = "1"), maximum(value = "60")))]
+    pub fps: Option<u32>,
+    /// The sampler; default `ddim`.
+    pub scheduler: Option<String>,
+    /// LoRA adapters to apply.
+    #[oai(validator(max_items = 8))]
+    pub loras: Option<Vec<LoraSpec>>,
+}
+
+impl SubmitJobBody {
+    /// The request with every default filled in.
+    pub fn into_request(self) -> Result<GenerationRequest, String> {
+        let model_name = self.model.unwrap_or_else(|| BUILTIN_MODEL.to_owned());
+        if model_name != BUILTIN_MODEL {
+            return Err(format!(
+                "model: `{model_name}` is not loaded; available: {BUILTIN_MODEL}"
+            ));
+        }
+        let (images, frames, fps) = match self.media_type {
+            MediaType::Image => {
+                if self.frames.is_some() || self.fps.is_some() {
+                    return Err("frames, fps: only a video job takes them".to_owned());
+                }
+                (self.images.unwrap_or(1), 0, 0)
+            }
+            MediaType::Video => {
+                if self.images.is_some() {
+                    return Err(
+                        "images: only an image job takes it; a video job takes frames".to_owned(),
+                    );
+                }
+                (0, self.frames.unwrap_or(8), self.fps.unwrap_or(8))
+            }
+        };
+        Ok(GenerationRequest {
+            media_type: self.media_type,
+            prompt: self.prompt,
+            model_name,
+            width: self.width.unwrap_or(64),
+            height: self.height.unwrap_or(64),
+            steps: self.steps.unwrap_or(12),
+            seed: self.seed.unwrap_or_else(rand::random),
+            images,
+            frames,
+            fps,
+            scheduler: self.scheduler.unwrap_or_else(|| "ddim".to_owned()),
+            loras: self.loras.unwrap_or_default(),
+        })
+    }
+}
+
+/// An accepted job.
+#[derive(Debug, Clone, Object)]
+pub struct JobAccepted {
+    /// The job's id.
+    pub job_id: Uuid,
+    /// `queued`.
+    pub status: JobStatus,
+    /// Where to read the job.
+    pub url: String,
+}
+
+/// A job's progress while it runs.
+#[derive(Debug, Clone, Object)]
+pub struct JobProgress {
+    /// Steps done.
+    pub done: u32,
+    /// Steps in all.
+    pub total: u32,
+}
+
+/// A file a job produced.
+#[derive(Debug, Clone, Object)]
+pub struct JobFile {
+    /// The file's name.
+    pub name: String,
+    /// Where to download it (with the same token).
+    pub url: String,
+}
+
+/// A job and, once it has ended, its measurement.
+#[derive(Debug, Clone, Object)]
+pub struct JobResponse {
+    /// The job's id.
+    pub job_id: Uuid,
+    /// Where it stands; `succeeded`, `failed` and `cancelled` come only after its row is
+    /// committed.
+    pub status: JobStatus,
+    /// `image` or `video`.
+    pub media_type: MediaType,
+    /// The model.
+    pub model_name: String,
+    /// The prompt.
+    pub prompt: String,
+    /// The device running or that ran it.
+    pub device: Option<String>,
+    /// Steps done, while it runs.
+    pub progress: Option<JobProgress>,
+    /// Its committed row, once it has ended.
+    pub metrics: Option<GenerationItem>,
+    /// Its files.
+    pub files: Vec<JobFile>,
+}
+
+#[derive(ApiResponse)]
+enum SubmitResponse {
+    /// The job is queued.
+    #[oai(status = 202)]
+    Accepted(Json<JobAccepted>),
+    /// The request is invalid; the message names the field.
+    #[oai(status = 400)]
+    BadRequest(Json<ErrorBody>),
+    /// No valid token.
+    #[oai(status = 401)]
+    #[allow(dead_code)] // answered by the bearer scheme's checker; listed for the document
+    Unauthorized(Json<ErrorBody>),
+    /// The job could not be stored.
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>),
+}
+
+#[derive(ApiResponse)]
+#[allow(clippy::large_enum_variant)] // built once per request
+enum GetJobResponse {
+    /// The job.
+    #[oai(status = 200)]
+    Ok(Json<JobResponse>),
+    /// No valid token.
+    #[oai(status = 401)]
+    #[allow(dead_code)] // answered by the bearer scheme's checker; listed for the document
+    Unauthorized(Json<ErrorBody>),
+    /// No such job for this user.
+    #[oai(status = 404)]
+    NotFound(Json<ErrorBody>),
+    /// The database could not be read.
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>),
+}
+
+#[derive(ApiResponse)]
+enum CancelResponse {
+    /// The job will stop and leave a cancelled row.
+    #[oai(status = 202)]
+    Accepted(Json<JobAccepted>),
+    /// No valid token.
+    #[oai(status = 401)]
+    #[allow(dead_code)] // answered by the bearer scheme's checker; listed for the document
+    Unauthorized(Json<ErrorBody>),
+    /// No such running or queued job for this user.
+    #[oai(status = 404)]
+    NotFound(Json<ErrorBody>),
+    /// The job has already ended.
+    #[oai(status = 409)]
+    Conflict(Json<ErrorBody>),
+}
+
+#[derive(ApiResponse)]
+enum FileResponse {
+    /// An image of an image job.
+    #[oai(status = 200, content_type = "image/png")]
+    Png(Binary<Vec<u8>>),
+    /// The animation of a video job.
+    #[oai(status = 200, content_type = "image/gif")]
+    Gif(Binary<Vec<u8>>),
+    /// No valid token.
+    #[oai(status = 401)]
+    #[allow(dead_code)] // answered by the bearer scheme's checker; listed for the document
+    Unauthorized(Json<ErrorBody>),
+    /// No such file for this user.
+    #[oai(status = 404)]
+    NotFound(Json<ErrorBody>),
+}
+
+/// Job routes.
+pub struct JobsApi;
+
+#[OpenApi(prefix_path = "/api/jobs", tag = "ApiTags::Jobs")]
+impl JobsApi {
+    /// Submit a generation job.
+    #[oai(path = "/", method = "post")]
+    async fn submit(
+        &self,
+        auth: BearerAuth,
+        state: Data<&AppState>,
+        body: Json<SubmitJobBody>,
+    ) -> SubmitResponse {
+        let persona_id = body.0.persona_id.clone();
+        let request = match body.0.into_request() {
+            Ok(request) => request,
+            Err(message) => {
+                return SubmitResponse::BadRequest(ErrorBody::new("bad_request", message));
+            }
+        };
+        let job = Job {
+            id: Uuid::new_v4(),
+            user_id: auth.0.sub.clone(),
+            persona_id,
+            request,
+            submitted: Instant::now(),
+            submitted_at: Utc::now(),
+            cancel: CancelFlag::default(),
+        };
+        let job_id = job.id;
+        match state
+            .runtime
+            .job_context
+            .call(|reply| JobContextMessage::SubmitJob(job, reply), None)
+            .await
+        {
+            Ok(CallResult::Success(Ok(()))) => SubmitResponse::Accepted(Json(JobAccepted {
+                job_id,
+                status: JobStatus::Queued,
+                url: format!("/api/jobs/{job_id}"),
+            })),
+            Ok(CallResult::Success(Err(error))) => {
+                tracing::warn!(error = %error, "job refused");
+                SubmitResponse::Unavailable(ErrorBody::new("unavailable", error.to_string()))
+            }
+            _ => SubmitResponse::Unavailable(ErrorBody::new(
+                "unavailable",
+                "the job registry is not running",
+            )),
+        }
+    }
+
+    /// Read a job: its status, progress, measurement and files.
+    #[oai(path = "/:job_id", method = "get")]
+    async fn get(
+        &self,
+        auth: BearerAuth,
+        state: Data<&AppState>,
+        job_id: Path<Uuid>,
+    ) -> GetJobResponse {
+        match find_job(&state, &auth, job_id.0).await {
+            Ok(Some(job)) => GetJobResponse::Ok(Json(job)),
+            Ok(None) => GetJobResponse::NotFound(not_found(job_id.0)),
+            Err(error) => {
+                GetJobResponse::Unavailable(ErrorBody::new("unavailable", error.to_string()))
+            }
+        }
+    }
+
+    /// Cancel a queued or running job; it leaves a row with status `cancelled`.
+    #[oai(path = "/:job_id/cancel", method = "post")]
+    async fn cancel(
+        &self,
+        auth: BearerAuth,
+        state: Data<&AppState>,
+        job_id: Path<Uuid>,
+    ) -> CancelResponse {
+        let job_id = job_id.0;
+        match find_job(&state, &auth, job_id).await {
+            Ok(Some(_)) => {}
+            _ => return CancelResponse::NotFound(not_found(job_id)),
+        }
+        let outcome = state
+            .runtime
+            .job_context
+            .call(|reply| JobContextMessage::CancelJob(job_id, reply), None)
+            .await;
+        match outcome {
+            Ok(CallResult::Success(CancelOutcome::Cancelling)) => {
+                CancelResponse::Accepted(Json(JobAccepted {
+                    job_id,
+                    status: JobStatus::Cancelled,
+                    url: format!("/api/jobs/{job_id}"),
+                }))
+            }
+            Ok(CallResult::Success(CancelOutcome::AlreadyFinished(status))) => {
+                CancelResponse::Conflict(ErrorBody::new(
+                    "conflict",
+                    format!("job {job_id} has already ended: {}", status.as_str()),
+                ))
+            }
+            _ => CancelResponse::NotFound(not_found(job_id)),
+        }
+    }
+
+    /// Download a file a job produced.
+    #[oai(path = "/:job_id/files/:name", method = "get")]
+    async fn file(
+        &self,
+        auth: BearerAuth,
+        state: Data<&AppState>,
+        job_id: Path<Uuid>,
+        name: Path<String>,
+    ) -> FileResponse {
+        let name = name.0;
+        let safe = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+            && !name.starts_with('.');
+        let owned = matches!(find_job(&state, &auth, job_id.0).await, Ok(Some(_)));
+        let path = state.output_dir.join(job_id.0.to_string()).join(&name);
+        match (safe && owned).then_some(()) {
+            Some(()) => match tokio::fs::read(&path).await {
+                Ok(bytes) if content_type(&name) == "image/gif" => FileResponse::Gif(Binary(bytes)),
+                Ok(bytes) => FileResponse::Png(Binary(bytes)),
+                Err(_) => FileResponse::NotFound(ErrorBody::new(
+                    "not_found",
+                    format!("name: job {} has no file `{name}`", job_id.0),
+                )),
+            },
+            None => FileResponse::NotFound(ErrorBody::new(
+                "not_found",
+                format!("name: job {} has no file `{name}`", job_id.0),
+            )),
+        }
+    }
+}
+
+fn not_found(job_id: Uuid) -> Json<ErrorBody> {
+    ErrorBody::new(
+        "not_found",
+        format!("job_id: no job {job_id} for this token"),
+    )
+}
+
+/// A job the token may see: from the registry, or from the database for older jobs.
+async fn find_job(
+    state: &AppState,
+    auth: &BearerAuth,
+    job_id: Uuid,
+) -> Result<Option<JobResponse>, sea_orm::DbErr> {
+    let visible = |user: &str| auth.0.is_operator() || user == auth.0.sub;
+    let view = state
+        .runtime
+        .job_context
+        .call(|reply| JobContextMessage::GetJob(job_id, reply), None)
+        .await;
+    if let Ok(CallResult::Success(Some(view))) = view {
+        if !visible(&view.job.user_id) {
+            return Ok(None);
+        }
+        return Ok(Some(JobResponse {
+            job_id,
+            status: view.status,
+            media_type: view.job.request.media_type,
+            model_name: view.job.request.model_name.clone(),
+            prompt: view.job.request.prompt.clone(),
+            device: view.device,
+            progress: view
+                .progress
+                .map(|(done, total)| JobProgress { done, total }),
+            metrics: view.metrics,
+            files: files(job_id, view.files),
+        }));
+    }
+
+    let Some(job) = generation_jobs::Entity::find_by_id(job_id.to_string())
+        .one(&state.db)
+        .await?
+    else {
+        return Ok(None);
+    };
+    if !visible(&job.user_id) {
+        return Ok(None);
+    }
+    let metrics = generation_metrics::Entity::find()
+        .filter(generation_metrics::Column::JobId.eq(job_id.to_string()))
+        .one(&state.db)
+        .await?
+        .map(GenerationItem::from);
+    let mut names = Vec::new();
+    if let Ok(mut entries) = tokio::fs::read_dir(state.output_dir.join(job_id.to_string())).await {
+        while let Ok(Some(entry)) = entries.next_entry().await {
+            names.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    names.sort();
+    let status = match &metrics {
+        Some(row) => JobStatus::parse(&row.status).unwrap_or(JobStatus::Failed),
+        // Accepted by an earlier run of the service that stopped before the job ended.
+        None => JobStatus::parse(&job.status).unwrap_or(JobStatus::Queued),
+    };
+    Ok(Some(JobResponse {
+        job_id,
+        status,
+        media_type: if job.media_type == "video" {
+            MediaType::Video
+        } else {
+            MediaType::Image
+        },
+        model_name: job.model_name,
+        prompt: job.prompt,
+        device: metrics.as_ref().map(|row| row.device.clone()),
+        progress: None,
+        metrics,
+        files: files(job_id, names),
+    }))
+}
+
+fn files(job_id: Uuid, names: Vec<String>) -> Vec<JobFile> {
+    names
+        .into_iter()
+        .map(|name| JobFile {
+            url: format!("/api/jobs/{job_id}/files/{name}"),
+            name,
+        })
+        .collect()
+}

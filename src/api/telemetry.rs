@@ -1,0 +1,281 @@
+//! `GET /api/system/telemetry/generation`: the newest measurements, a summary of the whole
+//! filtered window, and the buffer of recent events.
+
+use chrono::Utc;
+use poem::web::Data;
+use poem_openapi::param::Query;
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, Enum, Object, OpenApi};
+use ractor::rpc::CallResult;
+
+use crate::actors::BroadcastMessage;
+use crate::api::auth::BearerAuth;
+use crate::api::errors::ErrorBody;
+use crate::api::{ApiTags, AppState};
+use crate::events::{EventEnvelope, GenerationItem};
+use crate::generation::{JobStatus, MediaType};
+use crate::storage::queries::{self, Figures, GroupFigures, Percentiles};
+use crate::storage::{TelemetryFilter, TelemetrySummary};
+
+/// How a measured generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "lowercase")]
+pub enum RowStatus {
+    /// Produced its outputs.
+    Succeeded,
+    /// Ended with an error.
+    Failed,
+    /// Cancelled by a client.
+    Cancelled,
+}
+
+impl From<RowStatus> for JobStatus {
+    fn from(status: RowStatus) -> Self {
+        match status {
+            RowStatus::Succeeded => JobStatus::Succeeded,
+            RowStatus::Failed => JobStatus::Failed,
+            RowStatus::Cancelled => JobStatus::Cancelled,
+        }
+    }
+}
+
+/// Aggregates of a set of rows. Means of duration, throughput and VRAM count succeeded
+/// generations only and are null when none qualifies; the queue-wait mean counts every row.
+/// Percentiles are exact (nearest rank).
+#[derive(Debug, Clone, Object)]
+pub struct SummaryFigures {
+    /// Rows.
+    pub total: i64,
+    /// Succeeded rows.
+    pub succeeded: i64,
+    /// Failed rows.
+    pub failed: i64,
+    /// Cancelled rows.
+    pub cancelled: i64,
+    /// Mean inference time, seconds.
+    pub avg_duration_seconds: Option<f64>,
+    /// Shortest inference time, seconds.
+    pub min_duration_seconds: Option<f64>,
+    /// Longest inference time, seconds.
+    pub max_duration_seconds: Option<f64>,
+    /// Median inference time, seconds.
+    pub p50_duration_seconds: Option<f64>,
+    /// 95th percentile of inference time, seconds.
+    pub p95_duration_seconds: Option<f64>,
+    /// 99th percentile of inference time, seconds.
+    pub p99_duration_seconds: Option<f64>,
+    /// Mean outputs per second.
+    pub avg_throughput: Option<f64>,
+    /// Mean peak VRAM, MiB.
+    pub avg_vram_peak_mb: Option<f64>,
+    /// Mean VRAM in use at the end, MiB.
+    pub avg_vram_allocated_mb: Option<f64>,
+    /// Mean VRAM reserved at the end, MiB.
+    pub avg_vram_reserved_mb: Option<f64>,
+    /// Mean queue wait, seconds.
+    pub avg_queue_wait_seconds: Option<f64>,
+}
+
+impl SummaryFigures {
+    fn new(figures: Figures, percentiles: Percentiles) -> Self {
+        SummaryFigures {
+            total: figures.total,
+            succeeded: figures.succeeded,
+            failed: figures.failed,
+            cancelled: figures.cancelled,
+            avg_duration_seconds: figures.avg_duration_seconds,
+            min_duration_seconds: figures.min_duration_seconds,
+            max_duration_seconds: figures.max_duration_seconds,
+            p50_duration_seconds: percentiles.p50,
+            p95_duration_seconds: percentiles.p95,
+            p99_duration_seconds: percentiles.p99,
+            avg_throughput: figures.avg_throughput,
+            avg_vram_peak_mb: figures.avg_vram_peak_mb,
+            avg_vram_allocated_mb: figures.avg_vram_allocated_mb,
+            avg_vram_reserved_mb: figures.avg_vram_reserved_mb,
+            avg_queue_wait_seconds: figures.avg_queue_wait_seconds,
+        }
+    }
+}
+
+/// The figures of one model or device.
+#[derive(Debug, Clone, Object)]
+pub struct GroupSummary {
+    /// The model's or device's name.
+    pub key: String,
+    /// Its figures.
+    #[oai(flatten)]
+    pub figures: SummaryFigures,
+}
+
+impl From<GroupFigures> for GroupSummary {
+    fn from(group: GroupFigures) -> Self {
+        GroupSummary {
+            key: group.key,
+            figures: SummaryFigures::new(group.figures, group.percentiles),
+        }
+    }
+}
+
+/// The summary of the whole filtered window, not just the page.
+#[derive(Debug, Clone, Object)]
+pub struct Summary {
+    /// Figures of every matching row.
+    #[oai(flatten)]
+    pub figures: SummaryFigures,
+    /// The same, by model.
+    pub by_model: Vec<GroupSummary>,
+    /// The same, by device.
+    pub by_device: Vec<GroupSummary>,
+}
+
+impl From<TelemetrySummary> for Summary {
+    fn from(summary: TelemetrySummary) -> Self {
+        Summary {
+            figures: SummaryFigures::new(summary.figures, summary.percentiles),
+            by_model: summary
+                .by_model
+                .into_iter()
+                .map(GroupSummary::from)
+                .collect(),
+            by_device: summary
+                .by_device
+                .into_iter()
+                .map(GroupSummary::from)
+                .collect(),
+        }
+    }
+}
+
+/// The endpoint's answer.
+#[derive(Debug, Clone, Object)]
+pub struct TelemetryResponse {
+    /// Matching rows, newest first.
+    pub items: Vec<GenerationItem>,
+    /// Figures of every matching row.
+    pub summary: Summary,
+    /// The latest `telemetry.generation` events, oldest first, as the WebSocket carried them
+    /// (filtered by `media_type` when given).
+    pub recent: Vec<EventEnvelope>,
+}
+
+#[derive(ApiResponse)]
+#[allow(clippy::large_enum_variant)] // built once per request
+enum GenerationTelemetryResponse {
+    /// Items, summary and recent events.
+    #[oai(status = 200)]
+    Ok(Json<TelemetryResponse>),
+    /// A parameter is invalid; the message names it.
+    #[oai(status = 400)]
+    #[allow(dead_code)] // answered by parameter parsing; listed for the document
+    BadRequest(Json<ErrorBody>),
+    /// No valid token.
+    #[oai(status = 401)]
+    #[allow(dead_code)] // answered by the bearer scheme's checker; listed for the document
+    Unauthorized(Json<ErrorBody>),
+    /// The token lacks the operator role.
+    #[oai(status = 403)]
+    Forbidden(Json<ErrorBody>),
+    /// The database cannot be read right now.
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>),
+}
+
+/// Operator telemetry routes.
+pub struct TelemetryApi;
+
+#[OpenApi(prefix_path = "/api/system", tag = "ApiTags::System")]
+impl TelemetryApi {
+    /// Measured generations: newest rows, summary of the filtered window, recent events.
+    #[allow(clippy::too_many_arguments)]
+    #[oai(path = "/telemetry/generation", method = "get")]
+    async fn generation(
+        &self,
+        auth: BearerAuth,
+        state: Data<&AppState>,
+        /// Rows to return, 1 to 1000.
+        #[oai(
+            default = "default_limit",
+            validator(minimum(value = "1"), maximum(value = "1000"))
+        )]
+        limit: Query<u64>,
+        /// Only rows committed in the last `minutes` (1 to 5256000, ten years).
+        #[oai(validator(minimum(value = "1"), maximum(value = "5256000")))]
+        minutes: Query<Option<u32>>,
+        /// Only `image` or `video` rows.
+        media_type: Query<Option<MediaType>>,
+        /// Only this model.
+        #[oai(validator(min_length = 1, max_length = 256))]
+        model_name: Query<Option<String>>,
+        /// Only this user's jobs.
+        #[oai(validator(min_length = 1, max_length = 256))]
+        user_id: Query<Option<String>>,
+        /// Only this persona's jobs.
+        #[oai(validator(min_length = 1, max_length = 256))]
+        persona_id: Query<Option<String>>,
+        /// Only this device, e.g. `cpu` or `cuda:0`.
+        #[oai(validator(min_length = 1, max_length = 64))]
+        device: Query<Option<String>>,
+        /// Only rows with this status.
+        status: Query<Option<RowStatus>>,
+        /// Items older than the row with this id (the last `id` of the previous page).
+        #[oai(validator(minimum(value = "1")))]
+        before: Query<Option<i64>>,
+    ) -> GenerationTelemetryResponse {
+        if !auth.0.is_operator() {
+            return GenerationTelemetryResponse::Forbidden(ErrorBody::new(
+                "forbidden",
+                "this route needs a token with the operator role",
+            ));
+        }
+        let filter = TelemetryFilter {
+            since: minutes
+                .0
+                .map(|m| Utc::now() - chrono::Duration::minutes(i64::from(m))),
+            media_type: media_type.0,
+            model_name: model_name.0,
+            user_id: user_id.0,
+            persona_id: persona_id.0,
+            device: device.0,
+            status: status.0.map(JobStatus::from),
+        };
+        let items = queries::list_items(&state.db, &filter, before.0, limit.0).await;
+        let summary = queries::summarize(&state.db, &filter).await;
+        let (items, summary) = match (items, summary) {
+            (Ok(items), Ok(summary)) => (items, summary),
+            (Err(error), _) | (_, Err(error)) => {
+                tracing::warn!(error = %error, "telemetry query failed");
+                return GenerationTelemetryResponse::Unavailable(ErrorBody::new(
+                    "unavailable",
+                    "the telemetry database cannot be read right now",
+                ));
+            }
+        };
+        let recent = match state
+            .runtime
+            .broadcast
+            .call(BroadcastMessage::GetRecent, None)
+            .await
+        {
+            Ok(CallResult::Success(events)) => events
+                .iter()
+                .filter(|event| {
+                    filter
+                        .media_type
+                        .is_none_or(|media| event.data.media_type == media.as_str())
+                })
+                .map(|event| (**event).clone())
+                .collect(),
+            _ => Vec::new(),
+        };
+        GenerationTelemetryResponse::Ok(Json(TelemetryResponse {
+            items: items.into_iter().map(GenerationItem::from).collect(),
+            summary: summary.into(),
+            recent,
+        }))
+    }
+}
+
+fn default_limit() -> u64 {
+    50
+}

@@ -1,0 +1,166 @@
+//! Start-up: opens the database, starts the runtime, binds the listener, and serves until
+//! told to stop, then shuts down in order (stop taking requests, close WebSocket clients,
+//! stop the runtime, which flushes the writer).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use poem::listener::{Acceptor, Listener, TcpListener};
+use poem::middleware::Tracing;
+use poem::{EndpointExt, Route, Server, get};
+use sea_orm::DatabaseConnection;
+use tokio::sync::watch;
+
+use crate::actors::supervisor::SupervisorMessage;
+use crate::actors::{Runtime, RuntimeFactory, RuntimeSettings, RuntimeSupervisor};
+use crate::api::auth::{AuthKeys, load_or_create_secret};
+use crate::api::errors::to_json_error;
+use crate::api::{AppState, openapi_service, websocket};
+use crate::settings::Settings;
+use crate::{devices, storage};
+
+/// A started service, bound to its address, not yet serving.
+pub struct Application {
+    acceptor: poem::listener::TcpAcceptor,
+    address: SocketAddr,
+    state: AppState,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Application {
+    /// Builds the service from settings with the built-in model on the configured devices.
+    pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
+        let device_names = devices::resolve(&settings.devices)?;
+        Self::build_with(
+            settings,
+            device_names,
+            devices::factory(settings.weights.clone()),
+        )
+        .await
+    }
+
+    /// Builds the service with a given runtime factory (tests pass instrumented devices).
+    pub async fn build_with(
+        settings: &Settings,
+        device_names: Vec<String>,
+        factory: RuntimeFactory,
+    ) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&settings.data_dir).with_context(|| {
+            format!(
+                "creating the data directory {}",
+                settings.data_dir.display()
+            )
+        })?;
+        let db = storage::connect(settings.database_url.as_deref(), &settings.data_dir)
+            .await
+            .context("opening the database")?;
+        if settings.migrate {
+            storage::migrate_up(&db)
+                .await
+                .context("applying migrations")?;
+        }
+        let secret = load_or_create_secret(settings.jwt_secret.as_ref(), &settings.data_dir)?;
+        tracing::info!(devices = ?device_names, "devices");
+
+        let runtime = RuntimeSupervisor::start(RuntimeSettings {
+            db: db.clone(),
+            devices: device_names,
+            factory,
+            output_dir: settings.output_dir(),
+            host: settings.host(),
+            recent_capacity: settings.recent_size,
+            client_queue: settings.client_queue,
+            max_batch: settings.max_batch,
+        })
+        .await?;
+
+        let acceptor = TcpListener::bind(format!("{}:{}", settings.listen_host, settings.port))
+            .into_acceptor()
+            .await
+            .with_context(|| format!("binding {}:{}", settings.listen_host, settings.port))?;
+        let address = acceptor
+            .local_addr()
+            .first()
+            .and_then(|addr| addr.as_socket_addr().copied())
+            .context("the listener has no address")?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        Ok(Application {
+            acceptor,
+            address,
+            state: AppState {
+                runtime,
+                db,
+                keys: AuthKeys::new(&secret)?,
+                output_dir: settings.output_dir(),
+                shutdown: shutdown_rx,
+            },
+            shutdown,
+        })
+    }
+
+    /// The address the service listens on.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// Token signing keys, for `seidra serve --demo` and tests.
+    pub fn keys(&self) -> AuthKeys {
+        self.state.keys.clone()
+    }
+
+    /// The database handle.
+    pub fn db(&self) -> DatabaseConnection {
+        self.state.db.clone()
+    }
+
+    /// The runtime's actors.
+    pub fn runtime(&self) -> Runtime {
+        self.state.runtime.clone()
+    }
+
+    /// Serves until `stop` resolves, then shuts down in order.
+    pub async fn run_until(
+        self,
+        stop: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let public_url = format!("http://{}", self.address);
+        let api = openapi_service(&public_url);
+        let docs = api.swagger_ui();
+        let spec_json = api.spec_endpoint();
+        let spec_yaml = api.spec_endpoint_yaml();
+        let app = Route::new()
+            .nest("/", api)
+            .at("/api/system/ws", get(websocket::system_channel))
+            .at("/openapi.json", spec_json)
+            .at("/openapi.yaml", spec_yaml)
+            .nest("/docs", docs)
+            .at("/health", get(health))
+            .data(self.state.clone())
+            .with(Tracing)
+            .catch_all_error(to_json_error);
+
+        tracing::info!(address = %public_url, "listening");
+        let shutdown = self.shutdown;
+        let signal = async move {
+            stop.await;
+            tracing::info!("shutting down");
+            let _ = shutdown.send(true);
+        };
+        Server::new_with_acceptor(self.acceptor)
+            .run_with_graceful_shutdown(app, signal, Some(Duration::from_secs(10)))
+            .await?;
+
+        let supervisor = &self.state.runtime.supervisor;
+        let _ = supervisor
+            .call(SupervisorMessage::Shutdown, Some(Duration::from_secs(60)))
+            .await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+#[poem::handler]
+fn health() -> &'static str {
+    "ok"
+}

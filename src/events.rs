@@ -1,0 +1,131 @@
+//! What clients read: a committed measurement as the endpoint and the WebSocket channel
+//! show it, and the envelope every channel message travels in.
+
+use chrono::{DateTime, Utc};
+use poem_openapi::{Enum, Object};
+use serde::{Deserialize, Serialize};
+
+use crate::storage::entities::generation_metrics;
+
+/// The channel every event of this service is published on.
+pub const SYSTEM_CHANNEL: &str = "system";
+
+/// One committed row of `generation_metrics`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Object)]
+pub struct GenerationItem {
+    /// Row id; also the cursor for paging further back.
+    pub id: i64,
+    /// The job measured.
+    pub job_id: String,
+    /// The user who submitted the job.
+    pub user_id: String,
+    /// The persona the job was for.
+    pub persona_id: Option<String>,
+    /// `image` or `video`.
+    pub media_type: String,
+    /// The model that ran.
+    pub model_name: String,
+    /// The prompt.
+    pub prompt: String,
+    /// Images (image job) or frames (video job) produced.
+    pub outputs: i32,
+    /// Inference time in seconds, device synchronised; time until failure for a failed job.
+    pub duration_seconds: f64,
+    /// `outputs / duration_seconds`; null when nothing was produced.
+    pub throughput: Option<f64>,
+    /// Allocator MiB in use at the end; null on a device without its own memory.
+    pub vram_allocated_mb: Option<f64>,
+    /// Allocator MiB reserved from the driver at the end.
+    pub vram_reserved_mb: Option<f64>,
+    /// Most allocator MiB in use during the job.
+    pub vram_peak_mb: Option<f64>,
+    /// Peak minus MiB in use at the job's start.
+    pub vram_delta_mb: Option<f64>,
+    /// Request parameters without a column, timings and device-level figures.
+    pub extra: serde_json::Value,
+    /// When the row was committed (UTC).
+    #[serde(with = "rfc3339")]
+    pub created_at: DateTime<Utc>,
+    /// `succeeded`, `failed` or `cancelled`.
+    pub status: String,
+    /// The device that ran the job.
+    pub device: String,
+    /// Seconds between submission and the start of work on the device.
+    pub queue_wait_seconds: f64,
+    /// The host whose service ran the job.
+    pub host: String,
+}
+
+impl From<generation_metrics::Model> for GenerationItem {
+    fn from(row: generation_metrics::Model) -> Self {
+        GenerationItem {
+            id: row.id,
+            job_id: row.job_id,
+            user_id: row.user_id,
+            persona_id: row.persona_id,
+            media_type: row.media_type,
+            model_name: row.model_name,
+            prompt: row.prompt,
+            outputs: row.outputs,
+            duration_seconds: row.duration_seconds,
+            throughput: row.throughput,
+            vram_allocated_mb: row.vram_allocated_mb,
+            vram_reserved_mb: row.vram_reserved_mb,
+            vram_peak_mb: row.vram_peak_mb,
+            vram_delta_mb: row.vram_delta_mb,
+            extra: row.extra,
+            created_at: row.created_at,
+            status: row.status,
+            device: row.device,
+            queue_wait_seconds: row.queue_wait_seconds,
+            host: row.host,
+        }
+    }
+}
+
+/// The type of a channel message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Enum)]
+pub enum EventType {
+    /// A committed measurement; `data` is a [`GenerationItem`].
+    #[serde(rename = "telemetry.generation")]
+    #[oai(rename = "telemetry.generation")]
+    TelemetryGeneration,
+}
+
+/// A message on a channel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Object)]
+pub struct EventEnvelope {
+    /// What `data` holds.
+    #[serde(rename = "type")]
+    #[oai(rename = "type")]
+    pub event_type: EventType,
+    /// The channel, `system`.
+    pub channel: String,
+    /// Position on the channel since the service started, from 1, without gaps.
+    pub seq: u64,
+    /// When the service emitted the message.
+    #[serde(with = "rfc3339")]
+    pub emitted_at: DateTime<Utc>,
+    /// The payload.
+    pub data: GenerationItem,
+}
+
+/// Times on the channel written exactly as the REST answers write them (`+00:00`), so that
+/// an event's `data` equals the endpoint's item byte for byte.
+mod rfc3339 {
+    use chrono::{DateTime, Utc};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(at: &DateTime<Utc>, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&at.to_rfc3339())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<DateTime<Utc>, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        DateTime::parse_from_rfc3339(&text)
+            .map(|at| at.with_timezone(&Utc))
+            .map_err(serde::de::Error::custom)
+    }
+}

@@ -1,0 +1,195 @@
+//! The `seidra` command: serve, migrate, mint tokens, write the OpenAPI document.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use migration::{Migrator, MigratorTrait};
+use seidra::api::auth::{AuthKeys, Role, load_or_create_secret};
+use seidra::app::Application;
+use seidra::logging::{self, LogFormat};
+use seidra::settings::Settings;
+use seidra::storage;
+
+mod demo;
+
+/// Runs generation models on every device of this host and measures every generation.
+#[derive(Debug, Parser)]
+#[command(name = "seidra", version)]
+struct Cli {
+    /// A TOML settings file; `SEIDRA_*` variables and flags override it.
+    #[arg(long, global = true, env = "SEIDRA_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory: SQLite database, JWT secret, job outputs [default: data].
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    /// `postgres://…` or `sqlite://…` instead of the embedded database.
+    #[arg(long, global = true)]
+    database_url: Option<String>,
+    /// Log format.
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the API and run generations.
+    Serve {
+        /// Address to listen on [default: 127.0.0.1].
+        #[arg(long)]
+        host: Option<String>,
+        /// Port [default: 8080; 0 picks one].
+        #[arg(long)]
+        port: Option<u16>,
+        /// Devices: `auto`, or a list such as `cpu,cpu` or `cuda:0,cuda:2`.
+        #[arg(long)]
+        devices: Option<String>,
+        /// Do not apply pending migrations at start.
+        #[arg(long)]
+        no_migrate: bool,
+        /// Submit a short demo workload (three images, one video) once started.
+        #[arg(long)]
+        demo: bool,
+    },
+    /// Apply, revert or list migrations.
+    Migrate {
+        #[command(subcommand)]
+        action: MigrateAction,
+    },
+    /// Mint a JWT from the configured secret.
+    Token {
+        /// The token's subject.
+        #[arg(long, default_value = "operator")]
+        user: String,
+        /// The token's role.
+        #[arg(long, value_enum, default_value = "operator")]
+        role: Role,
+        /// Validity in hours.
+        #[arg(long, default_value_t = 24)]
+        hours: i64,
+    },
+    /// Write the OpenAPI document to a folder.
+    Openapi {
+        /// Where to write `openapi.json`.
+        #[arg(long, default_value = "openapi")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum MigrateAction {
+    /// Apply every pending migration.
+    Up,
+    /// Revert the last migration.
+    Down,
+    /// List migrations and whether they are applied.
+    Status,
+}
+
+fn main() -> anyhow::Result<()> {
+    // NVML lists GPUs in PCI order; CUDA must number them the same way. This has to happen
+    // before any thread starts.
+    if cfg!(feature = "cuda") && std::env::var_os("CUDA_DEVICE_ORDER").is_none() {
+        // SAFETY: no other thread exists yet.
+        unsafe { std::env::set_var("CUDA_DEVICE_ORDER", "PCI_BUS_ID") };
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(Cli::parse()))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut overrides = vec![
+        (
+            "data_dir",
+            cli.data_dir.as_ref().map(|p| p.display().to_string()),
+        ),
+        ("database_url", cli.database_url.clone()),
+        (
+            "log_format",
+            cli.log_format.map(|f| format!("{f:?}").to_lowercase()),
+        ),
+    ];
+    if let Command::Serve {
+        host,
+        port,
+        devices,
+        no_migrate,
+        ..
+    } = &cli.command
+    {
+        overrides.push(("listen_host", host.clone()));
+        overrides.push(("port", port.map(|p| p.to_string())));
+        overrides.push(("devices", devices.clone()));
+        overrides.push(("migrate", no_migrate.then(|| "false".to_owned())));
+    }
+    let settings = Settings::load(cli.config.as_deref(), &overrides)?;
+    logging::init(settings.log_format);
+
+    match cli.command {
+        Command::Serve { demo, .. } => serve(settings, demo).await,
+        Command::Migrate { action } => migrate(&settings, action).await,
+        Command::Token { user, role, hours } => {
+            let secret = load_or_create_secret(settings.jwt_secret.as_ref(), &settings.data_dir)?;
+            println!(
+                "{}",
+                AuthKeys::new(&secret)?.mint(&user, role, chrono::Duration::hours(hours))?
+            );
+            Ok(())
+        }
+        Command::Openapi { out } => {
+            std::fs::create_dir_all(&out)?;
+            let path = out.join("openapi.json");
+            std::fs::write(&path, seidra::api::openapi_json() + "\n")
+                .with_context(|| format!("writing {}", path.display()))?;
+            println!("{}", path.display());
+            Ok(())
+        }
+    }
+}
+
+async fn serve(settings: Settings, demo: bool) -> anyhow::Result<()> {
+    let app = Application::build(&settings).await?;
+    if demo {
+        let address = app.address();
+        let keys = app.keys();
+        tokio::spawn(async move {
+            if let Err(error) = demo::run(address, &keys).await {
+                tracing::error!(error = %format!("{error:#}"), "the demo workload failed");
+            }
+        });
+    }
+    app.run_until(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await
+}
+
+async fn migrate(settings: &Settings, action: MigrateAction) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&settings.data_dir)?;
+    let db = storage::connect(settings.database_url.as_deref(), &settings.data_dir).await?;
+    match action {
+        MigrateAction::Up => Migrator::up(&db, None).await?,
+        MigrateAction::Down => Migrator::down(&db, Some(1)).await?,
+        MigrateAction::Status => {
+            let applied: Vec<String> = Migrator::get_applied_migrations(&db)
+                .await?
+                .iter()
+                .map(|m| m.name().to_owned())
+                .collect();
+            for migration in Migrator::migrations() {
+                let name = migration.name().to_owned();
+                let state = if applied.contains(&name) {
+                    "applied"
+                } else {
+                    "pending"
+                };
+                println!("{name}\t{state}");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,83 @@
+//! The service's settings: one typed tree, read once at start-up from defaults, an optional
+//! TOML file, `SEIDRA_*` environment variables, and command-line flags, in rising order.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use config::{Config, Environment, File};
+use secrecy::SecretString;
+use serde::Deserialize;
+
+use crate::logging::LogFormat;
+
+/// Everything the service reads at start-up.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    /// Where the database file, the JWT secret and job outputs live.
+    pub data_dir: PathBuf,
+    /// `postgres://…` or `sqlite://…`; the embedded SQLite file in `data_dir` when unset.
+    pub database_url: Option<String>,
+    /// Address to listen on.
+    pub listen_host: String,
+    /// Port to listen on; 0 picks a free one.
+    pub port: u16,
+    /// `auto` (every GPU, or the CPU), or a list such as `cpu,cpu` or `cuda:0,cuda:2`.
+    pub devices: String,
+    /// This host's name on every row; the machine's host name when unset.
+    pub host_name: Option<String>,
+    /// The JWT signing secret; created in `data_dir` when unset.
+    pub jwt_secret: Option<SecretString>,
+    /// Events kept in the `recent` buffer.
+    pub recent_size: usize,
+    /// Events a WebSocket client may fall behind before it is disconnected.
+    pub client_queue: usize,
+    /// The most rows the writer commits in one transaction.
+    pub max_batch: usize,
+    /// A burn weights record (`.mpk`) for the built-in model.
+    pub weights: Option<PathBuf>,
+    /// Log line format.
+    pub log_format: LogFormat,
+    /// Apply pending migrations at start.
+    pub migrate: bool,
+}
+
+impl Settings {
+    /// Reads the settings; `overrides` are (key, value) pairs from command-line flags.
+    pub fn load(file: Option<&Path>, overrides: &[(&str, Option<String>)]) -> anyhow::Result<Self> {
+        let mut builder = Config::builder()
+            .set_default("data_dir", "data")?
+            .set_default("listen_host", "127.0.0.1")?
+            .set_default("port", 8080)?
+            .set_default("devices", "auto")?
+            .set_default("recent_size", 50)?
+            .set_default("client_queue", 1024)?
+            .set_default("max_batch", 256)?
+            .set_default("log_format", "text")?
+            .set_default("migrate", true)?;
+        if let Some(file) = file {
+            builder = builder.add_source(File::from(file));
+        }
+        builder = builder.add_source(Environment::with_prefix("SEIDRA").try_parsing(true));
+        for (key, value) in overrides {
+            if let Some(value) = value {
+                builder = builder.set_override(*key, value.as_str())?;
+            }
+        }
+        builder
+            .build()?
+            .try_deserialize()
+            .context("invalid settings")
+    }
+
+    /// The name stored in the `host` column.
+    pub fn host(&self) -> String {
+        self.host_name
+            .clone()
+            .unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned())
+    }
+
+    /// Where job files are written.
+    pub fn output_dir(&self) -> PathBuf {
+        self.data_dir.join("outputs")
+    }
+}

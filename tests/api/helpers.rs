@@ -1,0 +1,225 @@
+//! Starting the service for a test, and what tests need to talk to it.
+//!
+//! Every app gets its own data directory and database: an SQLite file by default, or a fresh
+//! database on the PostgreSQL server named by `SEIDRA_TEST_POSTGRES_URL`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
+use seidra::actors::RuntimeFactory;
+use seidra::api::auth::{AuthKeys, Role};
+use seidra::app::Application;
+use seidra::devices;
+use seidra::logging::LogFormat;
+use seidra::settings::Settings;
+use serde_json::{Value, json};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+
+/// A running service and what a test needs to talk to it.
+pub struct TestApp {
+    pub base_url: String,
+    pub ws_url: String,
+    pub token: String,
+    pub keys: AuthKeys,
+    pub db: DatabaseConnection,
+    pub client: reqwest::Client,
+    pub data_dir: PathBuf,
+    pub database_url: Option<String>,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    _temp: TempDir,
+}
+
+/// How to start a test app.
+pub struct AppOptions {
+    pub devices: Vec<String>,
+    pub factory: Option<RuntimeFactory>,
+    pub recent_size: usize,
+    pub client_queue: usize,
+}
+
+impl Default for AppOptions {
+    fn default() -> Self {
+        AppOptions {
+            devices: vec!["cpu".to_owned()],
+            factory: None,
+            recent_size: 50,
+            client_queue: 1024,
+        }
+    }
+}
+
+/// Starts the service with the built-in model on one CPU device.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(AppOptions::default()).await
+}
+
+/// Starts the service with the given devices and runtime factory.
+pub async fn spawn_app_with(options: AppOptions) -> TestApp {
+    seidra::logging::init(LogFormat::Text);
+    let temp = tempfile::tempdir().expect("a temporary directory");
+    let database_url = fresh_database().await;
+    let settings = Settings {
+        data_dir: temp.path().to_path_buf(),
+        database_url: database_url.clone(),
+        listen_host: "127.0.0.1".to_owned(),
+        port: 0,
+        devices: options.devices.join(","),
+        host_name: Some("test-host".to_owned()),
+        jwt_secret: Some("test-secret-for-integration-tests".to_owned().into()),
+        recent_size: options.recent_size,
+        client_queue: options.client_queue,
+        max_batch: 256,
+        weights: None,
+        log_format: LogFormat::Text,
+        migrate: true,
+    };
+    let factory = options.factory.unwrap_or_else(|| devices::factory(None));
+    let app = Application::build_with(&settings, options.devices, factory)
+        .await
+        .expect("the service starts");
+    let address = app.address();
+    let keys = app.keys();
+    let db = app.db();
+    let (stop, stopped) = oneshot::channel();
+    let server = tokio::spawn(app.run_until(async move {
+        let _ = stopped.await;
+    }));
+    let token = keys
+        .mint("operator-1", Role::Operator, chrono::Duration::hours(1))
+        .unwrap();
+    TestApp {
+        base_url: format!("http://{address}"),
+        ws_url: format!("ws://{address}/api/system/ws"),
+        token,
+        keys,
+        db,
+        client: reqwest::Client::new(),
+        data_dir: temp.path().to_path_buf(),
+        database_url,
+        stop: Some(stop),
+        server: Some(server),
+        _temp: temp,
+    }
+}
+
+/// A fresh PostgreSQL database when `SEIDRA_TEST_POSTGRES_URL` is set, else `None` (SQLite).
+async fn fresh_database() -> Option<String> {
+    let server = std::env::var("SEIDRA_TEST_POSTGRES_URL").ok()?;
+    let name = format!("seidra_test_{}", uuid::Uuid::new_v4().simple());
+    let admin = Database::connect(format!("{server}/postgres"))
+        .await
+        .expect("the PostgreSQL server answers");
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("a test database");
+    Some(format!("{server}/{name}"))
+}
+
+impl TestApp {
+    /// Whether the test runs against PostgreSQL.
+    pub fn on_postgres(&self) -> bool {
+        self.database_url.is_some()
+    }
+
+    /// A token with the user role.
+    pub fn user_token(&self, user: &str) -> String {
+        self.keys
+            .mint(user, Role::User, chrono::Duration::hours(1))
+            .unwrap()
+    }
+
+    /// Submits a job with the operator token; answers its id.
+    pub async fn submit(&self, body: Value) -> String {
+        let response = self
+            .client
+            .post(format!("{}/api/jobs", self.base_url))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response.status(),
+            202,
+            "submit {body}: {}",
+            response.text().await.unwrap()
+        );
+        let accepted: Value = response.json().await.unwrap();
+        accepted["job_id"].as_str().unwrap().to_owned()
+    }
+
+    /// Reads a job with the operator token.
+    pub async fn job(&self, id: &str) -> Value {
+        self.client
+            .get(format!("{}/api/jobs/{id}", self.base_url))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Waits until a job has ended (its row is committed); answers the job.
+    pub async fn wait_for_job(&self, id: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let job = self.job(id).await;
+            if matches!(
+                job["status"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            ) {
+                return job;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "job {id} did not end: {job}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `GET /api/system/telemetry/generation` with a query string, operator token.
+    pub async fn telemetry(&self, query: &str) -> Value {
+        let response = self.telemetry_response(query, Some(&self.token)).await;
+        assert_eq!(response.status(), 200, "telemetry ?{query}");
+        response.json().await.unwrap()
+    }
+
+    /// The raw telemetry response with any token.
+    pub async fn telemetry_response(&self, query: &str, token: Option<&str>) -> reqwest::Response {
+        let mut request = self.client.get(format!(
+            "{}/api/system/telemetry/generation?{query}",
+            self.base_url
+        ));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send().await.unwrap()
+    }
+
+    /// Stops the service the way SIGTERM would, and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.unwrap().unwrap();
+        }
+    }
+}
+
+/// A small, fast image job.
+pub fn small_image(seed: u64) -> Value {
+    json!({"media_type": "image", "prompt": "a small test image", "width": 32, "height": 32, "steps": 3, "seed": seed})
+}
+
+/// A small, fast video job.
+pub fn small_video(seed: u64) -> Value {
+    json!({"media_type": "video", "prompt": "a small test video", "width": 32, "height": 32, "steps": 2, "frames": 3, "fps": 6, "seed": seed})
+}

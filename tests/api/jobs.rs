@@ -1,0 +1,139 @@
+//! Jobs end to end: submitted, measured, stored, served; outputs reproducible.
+
+use serde_json::json;
+
+use crate::helpers::{small_image, small_video, spawn_app};
+
+#[tokio::test]
+async fn an_image_job_and_a_video_job_finish_with_complete_rows() {
+    let app = spawn_app().await;
+
+    let image = app.submit(small_image(7)).await;
+    let video = app.submit(small_video(8)).await;
+    let image_job = app.wait_for_job(&image).await;
+    let video_job = app.wait_for_job(&video).await;
+
+    assert_eq!(image_job["status"], "succeeded", "{image_job}");
+    assert_eq!(video_job["status"], "succeeded", "{video_job}");
+    let row = &image_job["metrics"];
+    assert_eq!(row["job_id"], image.as_str());
+    assert_eq!(row["user_id"], "operator-1");
+    assert_eq!(row["media_type"], "image");
+    assert_eq!(row["model_name"], "seidra-tiny-diffusion");
+    assert_eq!(row["prompt"], "a small test image");
+    assert_eq!(row["outputs"], 1);
+    assert_eq!(row["device"], "cpu");
+    assert_eq!(row["host"], "test-host");
+    assert_eq!(row["status"], "succeeded");
+    let duration = row["duration_seconds"].as_f64().unwrap();
+    assert!(duration > 0.0);
+    let throughput = row["throughput"].as_f64().unwrap();
+    assert!((throughput - 1.0 / duration).abs() < 1e-9 * throughput.max(1.0));
+    assert!(row["queue_wait_seconds"].as_f64().unwrap() >= 0.0);
+    for column in [
+        "vram_allocated_mb",
+        "vram_reserved_mb",
+        "vram_peak_mb",
+        "vram_delta_mb",
+    ] {
+        assert!(row[column].is_null(), "{column} is NULL on the CPU: {row}");
+    }
+    assert_eq!(row["extra"]["width"], 32);
+    assert_eq!(row["extra"]["steps"], 3);
+    assert_eq!(row["extra"]["seed"], 7);
+    assert_eq!(row["extra"]["scheduler"], "ddim");
+    assert!(row["extra"]["total_seconds"].as_f64().unwrap() >= duration);
+
+    let video_row = &video_job["metrics"];
+    assert_eq!(video_row["outputs"], 3, "frames of the video");
+    assert_eq!(video_row["extra"]["frames"], 3);
+    assert_eq!(video_row["extra"]["fps"], 6);
+    assert_eq!(video_job["files"][0]["name"], "video.gif");
+
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_same_request_and_seed_give_the_same_bytes() {
+    let app = spawn_app().await;
+    let first = app.submit(small_image(42)).await;
+    let second = app.submit(small_image(42)).await;
+    let other = app.submit(small_image(43)).await;
+
+    let mut bytes = Vec::new();
+    for id in [&first, &second, &other] {
+        let job = app.wait_for_job(id).await;
+        let url = job["files"][0]["url"].as_str().unwrap().to_owned();
+        let response = app
+            .client
+            .get(format!("{}{url}", app.base_url))
+            .bearer_auth(&app.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["content-type"], "image/png");
+        bytes.push(response.bytes().await.unwrap());
+    }
+    assert!(bytes[0].starts_with(b"\x89PNG"));
+    assert_eq!(bytes[0], bytes[1], "same seed, same bytes");
+    assert_ne!(bytes[0], bytes[2], "another seed, other bytes");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_requests_are_refused_with_the_field_named() {
+    let app = spawn_app().await;
+    let cases = [
+        (
+            json!({"media_type": "image", "prompt": "x", "width": 7}),
+            "width",
+        ),
+        (
+            json!({"media_type": "image", "prompt": "x", "steps": 0}),
+            "steps",
+        ),
+        (json!({"media_type": "sound", "prompt": "x"}), "media_type"),
+        (json!({"media_type": "image", "prompt": ""}), "prompt"),
+        (
+            json!({"media_type": "image", "prompt": "x", "model": "sdxl"}),
+            "model",
+        ),
+        (
+            json!({"media_type": "image", "prompt": "x", "frames": 4}),
+            "frames",
+        ),
+    ];
+    for (body, field) in cases {
+        let response = app
+            .client
+            .post(format!("{}/api/jobs", app.base_url))
+            .bearer_auth(&app.token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{body}");
+        let error: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(error["error"], "bad_request");
+        let message = error["message"].as_str().unwrap();
+        assert!(message.contains(field), "`{message}` names `{field}`");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_user_reads_their_own_jobs_only() {
+    let app = spawn_app().await;
+    let id = app.submit(small_image(1)).await;
+    let response = app
+        .client
+        .get(format!("{}/api/jobs/{id}", app.base_url))
+        .bearer_auth(app.user_token("someone-else"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    app.wait_for_job(&id).await;
+    app.stop().await;
+}

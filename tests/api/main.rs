@@ -1,0 +1,10 @@
+//! Integration tests: the real service on port 0 with a fresh database, driven over HTTP and
+//! WebSocket as clients drive it.
+
+mod auth;
+mod helpers;
+mod jobs;
+mod openapi;
+mod storage;
+mod telemetry;
+mod websocket;
