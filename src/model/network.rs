@@ -22,10 +22,10 @@ use burn::tensor::{Int, Tensor, TensorData};
 #[derive(Config, Debug)]
 pub struct DenoiserConfig {
     /// Channels at full resolution; doubled at the lower ones.
-    #[config(default = 32)]
+    #[config(default = 16)]
     pub base_channels: usize,
     /// Width of the timestep and prompt embeddings.
-    #[config(default = 128)]
+    #[config(default = 64)]
     pub embed_dim: usize,
     /// Buckets words are hashed into.
     #[config(default = 4096)]
