@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod errors;
 pub mod jobs;
+pub mod metrics;
 pub mod telemetry;
 pub mod websocket;
 
@@ -30,6 +31,8 @@ pub struct AppState {
     pub output_dir: PathBuf,
     /// Becomes `true` when the service shuts down.
     pub shutdown: watch::Receiver<bool>,
+    /// Prometheus metrics.
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// Groups of operations in the document.

@@ -16,9 +16,14 @@ use crate::actors::supervisor::SupervisorMessage;
 use crate::actors::{Runtime, RuntimeFactory, RuntimeSettings, RuntimeSupervisor};
 use crate::api::auth::{AuthKeys, load_or_create_secret};
 use crate::api::errors::to_json_error;
-use crate::api::{AppState, openapi_service, websocket};
+use crate::api::{AppState, metrics, openapi_service, websocket};
+use crate::metrics::Metrics;
 use crate::settings::Settings;
+use crate::storage::{notify, retention};
 use crate::{devices, storage};
+
+/// How often the retention purge runs.
+const RETENTION_PERIOD: Duration = Duration::from_secs(3600);
 
 /// A started service, bound to its address, not yet serving.
 pub struct Application {
@@ -26,6 +31,9 @@ pub struct Application {
     address: SocketAddr,
     state: AppState,
     shutdown: watch::Sender<bool>,
+    metrics_address: Option<String>,
+    retention_days: u32,
+    instance: uuid::Uuid,
 }
 
 impl Application {
@@ -62,6 +70,8 @@ impl Application {
         }
         let secret = load_or_create_secret(settings.jwt_secret.as_ref(), &settings.data_dir)?;
         tracing::info!(devices = ?device_names, "devices");
+        let metrics = Metrics::new();
+        let instance = uuid::Uuid::new_v4();
 
         let runtime = RuntimeSupervisor::start(RuntimeSettings {
             db: db.clone(),
@@ -72,6 +82,9 @@ impl Application {
             recent_capacity: settings.recent_size,
             client_queue: settings.client_queue,
             max_batch: settings.max_batch,
+            metrics: metrics.clone(),
+            max_pending_jobs: settings.max_pending_jobs,
+            instance,
         })
         .await?;
 
@@ -94,7 +107,11 @@ impl Application {
                 keys: AuthKeys::new(&secret)?,
                 output_dir: settings.output_dir(),
                 shutdown: shutdown_rx,
+                metrics,
             },
+            metrics_address: settings.metrics_address.clone(),
+            retention_days: settings.retention_days,
+            instance,
             shutdown,
         })
     }
@@ -129,7 +146,28 @@ impl Application {
         let docs = api.swagger_ui();
         let spec_json = api.spec_endpoint();
         let spec_yaml = api.spec_endpoint_yaml();
-        let app = Route::new()
+        if self.retention_days > 0 {
+            tokio::spawn(retention::run_schedule(
+                self.state.db.clone(),
+                Duration::from_secs(u64::from(self.retention_days) * 86_400),
+                RETENTION_PERIOD,
+                self.state.shutdown.clone(),
+            ));
+        }
+        if self.state.db.get_database_backend() == sea_orm::DatabaseBackend::Postgres {
+            tokio::spawn(notify::relay_other_instances(
+                self.state.db.clone(),
+                self.instance,
+                self.state.runtime.broadcast.clone(),
+                self.state.shutdown.clone(),
+            ));
+        }
+        let mut app = Route::new();
+        match &self.metrics_address {
+            Some(address) => self.serve_metrics_apart(address).await?,
+            None => app = app.at("/metrics", get(metrics::protected)),
+        }
+        let app = app
             .nest("/", api)
             .at("/api/system/ws", get(websocket::system_channel))
             .at("/openapi.json", spec_json)
@@ -156,6 +194,32 @@ impl Application {
             .call(SupervisorMessage::Shutdown, Some(Duration::from_secs(60)))
             .await;
         tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+impl Application {
+    /// Serves `/metrics` without a token on its own address, for a Prometheus that scrapes a
+    /// private interface.
+    async fn serve_metrics_apart(&self, address: &str) -> anyhow::Result<()> {
+        let acceptor = TcpListener::bind(address.to_owned())
+            .into_acceptor()
+            .await
+            .with_context(|| format!("binding the metrics address {address}"))?;
+        tracing::info!(address = %address, "serving /metrics");
+        let routes = Route::new()
+            .at("/metrics", get(metrics::open))
+            .data(self.state.clone());
+        let mut shutdown = self.state.shutdown.clone();
+        tokio::spawn(
+            Server::new_with_acceptor(acceptor).run_with_graceful_shutdown(
+                routes,
+                async move {
+                    let _ = shutdown.changed().await;
+                },
+                Some(Duration::from_secs(1)),
+            ),
+        );
         Ok(())
     }
 }

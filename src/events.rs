@@ -90,9 +90,126 @@ pub enum EventType {
     #[serde(rename = "telemetry.generation")]
     #[oai(rename = "telemetry.generation")]
     TelemetryGeneration,
+    /// A job was accepted; `data` is a [`JobEvent`].
+    #[serde(rename = "job.queued")]
+    #[oai(rename = "job.queued")]
+    JobQueued,
+    /// Work on a job began on its device.
+    #[serde(rename = "job.started")]
+    #[oai(rename = "job.started")]
+    JobStarted,
+    /// Steps done on a running job, at most five times a second.
+    #[serde(rename = "job.progress")]
+    #[oai(rename = "job.progress")]
+    JobProgress,
+    /// A job succeeded; its `telemetry.generation` event came first.
+    #[serde(rename = "job.finished")]
+    #[oai(rename = "job.finished")]
+    JobFinished,
+    /// A job failed; its `telemetry.generation` event came first.
+    #[serde(rename = "job.failed")]
+    #[oai(rename = "job.failed")]
+    JobFailed,
+    /// A job was cancelled; its `telemetry.generation` event came first.
+    #[serde(rename = "job.cancelled")]
+    #[oai(rename = "job.cancelled")]
+    JobCancelled,
 }
 
-/// A message on a channel.
+/// The `data` of a job lifecycle event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Object)]
+pub struct JobEvent {
+    /// The job.
+    pub job_id: String,
+    /// Its user.
+    pub user_id: String,
+    /// `image` or `video`.
+    pub media_type: String,
+    /// The model.
+    pub model_name: String,
+    /// The device, once the job has started.
+    pub device: Option<String>,
+    /// Denoising steps done (progress events).
+    pub step: Option<u32>,
+    /// Denoising steps in all (progress events).
+    pub steps: Option<u32>,
+    /// Frames finished, for a video job (progress events). Frames are denoised together, so
+    /// this is 0 until the last step and then every frame.
+    pub frames_done: Option<u32>,
+    /// Frames in all, for a video job.
+    pub frames: Option<u32>,
+    /// The committed row's id (finished, failed and cancelled events).
+    pub metric_id: Option<i64>,
+    /// The error, for a failed job.
+    pub error: Option<String>,
+}
+
+/// What a channel message carries.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Payload {
+    /// A committed row.
+    Generation(GenerationItem),
+    /// A job lifecycle change.
+    Job(JobEvent),
+}
+
+/// A numbered channel message, serialised once for every client.
+#[derive(Debug)]
+pub struct ChannelEvent {
+    /// The message's type.
+    pub event_type: EventType,
+    /// Position on the channel.
+    pub seq: u64,
+    /// When it was emitted.
+    pub emitted_at: DateTime<Utc>,
+    /// What it carries.
+    pub payload: Payload,
+    /// The message as sent on the wire.
+    pub json: String,
+}
+
+impl ChannelEvent {
+    /// Numbers and serialises a message.
+    pub fn new(event_type: EventType, seq: u64, payload: Payload) -> Self {
+        let emitted_at = Utc::now();
+        let data = match &payload {
+            Payload::Generation(item) => serde_json::to_value(item),
+            Payload::Job(job) => serde_json::to_value(job),
+        }
+        .unwrap_or_default();
+        let json = serde_json::json!({
+            "type": event_type,
+            "channel": SYSTEM_CHANNEL,
+            "seq": seq,
+            "emitted_at": emitted_at.to_rfc3339(),
+            "data": data,
+        })
+        .to_string();
+        ChannelEvent {
+            event_type,
+            seq,
+            emitted_at,
+            payload,
+            json,
+        }
+    }
+
+    /// The message as the REST `recent` buffer shows it, for a committed row.
+    pub fn envelope(&self) -> Option<EventEnvelope> {
+        match &self.payload {
+            Payload::Generation(item) => Some(EventEnvelope {
+                event_type: self.event_type,
+                channel: SYSTEM_CHANNEL.to_owned(),
+                seq: self.seq,
+                emitted_at: self.emitted_at,
+                data: item.clone(),
+            }),
+            Payload::Job(_) => None,
+        }
+    }
+}
+
+/// A `telemetry.generation` message as the endpoint's `recent` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Object)]
 pub struct EventEnvelope {
     /// What `data` holds.

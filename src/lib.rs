@@ -14,6 +14,7 @@ pub mod events;
 pub mod generation;
 pub mod logging;
 pub mod measure;
+pub mod metrics;
 pub mod model;
 pub mod settings;
 pub mod storage;

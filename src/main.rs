@@ -10,6 +10,7 @@ use seidra::app::Application;
 use seidra::logging::{self, LogFormat};
 use seidra::settings::Settings;
 use seidra::storage;
+use seidra::storage::retention;
 
 mod demo;
 
@@ -69,6 +70,15 @@ enum Command {
         /// Validity in hours.
         #[arg(long, default_value_t = 24)]
         hours: i64,
+    },
+    /// Delete rows of generation_metrics older than a window, in small batches.
+    Purge {
+        /// The window, e.g. `30d`, `12h`.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: std::time::Duration,
+        /// Count the rows that would go, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Write the OpenAPI document to a folder.
     Openapi {
@@ -140,6 +150,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Purge {
+            older_than,
+            dry_run,
+        } => purge(&settings, older_than, dry_run).await,
         Command::Openapi { out } => {
             std::fs::create_dir_all(&out)?;
             let path = out.join("openapi.json");
@@ -162,10 +176,48 @@ async fn serve(settings: Settings, demo: bool) -> anyhow::Result<()> {
             }
         });
     }
-    app.run_until(async {
+    app.run_until(stop_signal()).await
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
         let _ = tokio::signal::ctrl_c().await;
-    })
-    .await
+    }
+}
+
+async fn purge(
+    settings: &Settings,
+    older_than: std::time::Duration,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    let db = storage::connect(settings.database_url.as_deref(), &settings.data_dir).await?;
+    let cutoff = chrono::Utc::now() - older_than;
+    if dry_run {
+        let count = retention::count_older_than(&db, cutoff).await?;
+        println!("{count} rows committed before {cutoff} would be deleted");
+    } else {
+        let removed = retention::purge_older_than(&db, cutoff, retention::PURGE_BATCH).await?;
+        tracing::info!(removed, cutoff = %cutoff, "purge");
+        println!("{removed} rows committed before {cutoff} deleted");
+    }
+    Ok(())
 }
 
 async fn migrate(settings: &Settings, action: MigrateAction) -> anyhow::Result<()> {

@@ -39,6 +39,13 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Apply pending migrations at start.
     pub migrate: bool,
+    /// Rows older than this many days are purged every hour; 0 keeps everything.
+    pub retention_days: u32,
+    /// Jobs accepted but not yet recorded beyond which new jobs are refused with 503.
+    pub max_pending_jobs: usize,
+    /// Serve `/metrics` without a token on this address (e.g. `10.0.0.5:9464`); when unset
+    /// it is served on the main address with the operator token.
+    pub metrics_address: Option<String>,
 }
 
 impl Settings {
@@ -53,7 +60,9 @@ impl Settings {
             .set_default("client_queue", 1024)?
             .set_default("max_batch", 256)?
             .set_default("log_format", "text")?
-            .set_default("migrate", true)?;
+            .set_default("migrate", true)?
+            .set_default("retention_days", 30)?
+            .set_default("max_pending_jobs", 10_000)?;
         if let Some(file) = file {
             builder = builder.add_source(File::from(file));
         }

@@ -5,7 +5,9 @@
 //! ever deleted by the retention purge.
 
 pub mod entities;
+pub mod notify;
 pub mod queries;
+pub mod retention;
 
 use std::path::Path;
 use std::str::FromStr;

@@ -1,45 +1,51 @@
-//! BroadcastActor: numbers every event of channel `system`, keeps the most recent ones, and
-//! fans them out to WebSocket clients.
+//! BroadcastActor: numbers every message of channel `system`, keeps the recent ones, and fans
+//! them out to WebSocket clients.
 //!
 //! Fan-out goes through a bounded `tokio::sync::broadcast` channel: publishing never waits on
-//! a client, and a client that falls further behind than the channel holds is told it lagged
-//! by its own receiver. The recent buffer is filled again from the database at start.
+//! a client, and a client that falls further behind than the channel holds is told so by its
+//! own receiver. Each message is serialised once, whatever the number of clients. The
+//! `recent` buffer of committed rows is filled again from the database at start.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use chrono::Utc;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use sea_orm::DatabaseConnection;
 use tokio::sync::broadcast;
 
-use crate::events::{EventEnvelope, EventType, GenerationItem, SYSTEM_CHANNEL};
+use crate::events::{ChannelEvent, EventEnvelope, EventType, GenerationItem, JobEvent, Payload};
+use crate::metrics::Metrics;
 use crate::storage::{TelemetryFilter, queries};
 
-/// What a new WebSocket client gets: the events it missed, then a live receiver.
+/// What a new WebSocket client gets: the messages it missed, then a live receiver.
 pub enum Subscription {
-    /// Events after the client's last sequence number, oldest first, then live ones.
+    /// Messages after the client's last sequence number, oldest first, then live ones.
     Live {
-        /// Missed events still in the recent buffer.
-        backlog: Vec<Arc<EventEnvelope>>,
-        /// Every later event.
-        receiver: broadcast::Receiver<Arc<EventEnvelope>>,
+        /// Missed messages still held.
+        backlog: Vec<Arc<ChannelEvent>>,
+        /// Every later message.
+        receiver: broadcast::Receiver<Arc<ChannelEvent>>,
     },
-    /// The client's last sequence number is older than the recent buffer reaches.
+    /// The client's last sequence number is older than what is held.
     GapTooLarge {
         /// The oldest sequence number still held.
         oldest_seq: u64,
         /// The newest sequence number published.
         latest_seq: u64,
-        /// Every later event.
-        receiver: broadcast::Receiver<Arc<EventEnvelope>>,
+        /// Every later message.
+        receiver: broadcast::Receiver<Arc<ChannelEvent>>,
     },
 }
 
 /// Messages to the BroadcastActor.
 pub enum BroadcastMessage {
-    /// Publishes a committed row as a `telemetry.generation` event; replies with its seq.
+    /// Publishes a committed row as `telemetry.generation`; replies with its seq.
     Publish(Box<GenerationItem>, RpcReplyPort<u64>),
+    /// Publishes a row another instance committed (several hosts on one database); it is
+    /// counted in that instance's metrics, not here.
+    PublishRemote(Box<GenerationItem>),
+    /// Publishes a job lifecycle event.
+    PublishJob(EventType, Box<JobEvent>),
     /// Subscribes a client that last saw `after_seq` (none for a fresh client).
     Subscribe {
         /// The last sequence number the client received.
@@ -47,26 +53,32 @@ pub enum BroadcastMessage {
         /// Where the subscription goes.
         reply: RpcReplyPort<Subscription>,
     },
-    /// The recent buffer, oldest first.
-    GetRecent(RpcReplyPort<Vec<Arc<EventEnvelope>>>),
+    /// The recent `telemetry.generation` messages, oldest first.
+    GetRecent(RpcReplyPort<Vec<EventEnvelope>>),
 }
 
 /// Spawn arguments of the BroadcastActor.
 pub struct BroadcastArguments {
     /// Where the recent buffer is refilled from.
     pub db: DatabaseConnection,
-    /// Events kept for `recent` and for catching up.
+    /// Committed rows kept for `recent`.
     pub recent_capacity: usize,
-    /// Events a client may fall behind before it is disconnected.
+    /// Messages a client may fall behind before it is disconnected; also how far back a
+    /// reconnecting client can catch up.
     pub client_queue: usize,
+    /// Prometheus metrics, recorded for every published row.
+    pub metrics: Metrics,
 }
 
 /// State of the BroadcastActor.
 pub struct BroadcastState {
-    recent: VecDeque<Arc<EventEnvelope>>,
+    recent: VecDeque<EventEnvelope>,
     recent_capacity: usize,
+    held: VecDeque<Arc<ChannelEvent>>,
+    held_capacity: usize,
     next_seq: u64,
-    sender: broadcast::Sender<Arc<EventEnvelope>>,
+    sender: broadcast::Sender<Arc<ChannelEvent>>,
+    metrics: Metrics,
 }
 
 /// Publishes channel `system`.
@@ -82,12 +94,16 @@ impl Actor for BroadcastActor {
         _myself: ActorRef<Self::Msg>,
         args: BroadcastArguments,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let (sender, _) = broadcast::channel(args.client_queue.max(1));
+        let held_capacity = args.client_queue.max(1);
+        let (sender, _) = broadcast::channel(held_capacity);
         let mut state = BroadcastState {
             recent: VecDeque::with_capacity(args.recent_capacity),
             recent_capacity: args.recent_capacity,
+            held: VecDeque::with_capacity(held_capacity),
+            held_capacity,
             next_seq: 1,
             sender,
+            metrics: args.metrics,
         };
         let rows = queries::list_items(
             &args.db,
@@ -97,7 +113,10 @@ impl Actor for BroadcastActor {
         )
         .await?;
         for row in rows.into_iter().rev() {
-            state.push(GenerationItem::from(row));
+            state.push(
+                EventType::TelemetryGeneration,
+                Payload::Generation(row.into()),
+            );
         }
         Ok(state)
     }
@@ -110,10 +129,15 @@ impl Actor for BroadcastActor {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             BroadcastMessage::Publish(item, reply) => {
-                let event = state.push(*item);
-                // No receiver is not an error: nobody is connected.
-                let _ = state.sender.send(Arc::clone(&event));
-                let _ = reply.send(event.seq);
+                state.metrics.record(&item);
+                let seq = state.publish(EventType::TelemetryGeneration, Payload::Generation(*item));
+                let _ = reply.send(seq);
+            }
+            BroadcastMessage::PublishRemote(item) => {
+                state.publish(EventType::TelemetryGeneration, Payload::Generation(*item));
+            }
+            BroadcastMessage::PublishJob(event_type, job) => {
+                state.publish(event_type, Payload::Job(*job));
             }
             BroadcastMessage::Subscribe { after_seq, reply } => {
                 let _ = reply.send(state.subscribe(after_seq));
@@ -127,21 +151,28 @@ impl Actor for BroadcastActor {
 }
 
 impl BroadcastState {
-    fn push(&mut self, item: GenerationItem) -> Arc<EventEnvelope> {
-        let event = Arc::new(EventEnvelope {
-            event_type: EventType::TelemetryGeneration,
-            channel: SYSTEM_CHANNEL.to_owned(),
-            seq: self.next_seq,
-            emitted_at: Utc::now(),
-            data: item,
-        });
+    fn publish(&mut self, event_type: EventType, payload: Payload) -> u64 {
+        let event = self.push(event_type, payload);
+        // No receiver is not an error: nobody is connected.
+        let _ = self.sender.send(Arc::clone(&event));
+        event.seq
+    }
+
+    fn push(&mut self, event_type: EventType, payload: Payload) -> Arc<ChannelEvent> {
+        let event = Arc::new(ChannelEvent::new(event_type, self.next_seq, payload));
         self.next_seq += 1;
-        if self.recent_capacity > 0 {
+        if let Some(envelope) = event.envelope() {
             if self.recent.len() == self.recent_capacity {
                 self.recent.pop_front();
             }
-            self.recent.push_back(Arc::clone(&event));
+            if self.recent_capacity > 0 {
+                self.recent.push_back(envelope);
+            }
         }
+        if self.held.len() == self.held_capacity {
+            self.held.pop_front();
+        }
+        self.held.push_back(Arc::clone(&event));
         event
     }
 
@@ -154,7 +185,7 @@ impl BroadcastState {
                 receiver,
             };
         };
-        let oldest_seq = self.recent.front().map_or(self.next_seq, |event| event.seq);
+        let oldest_seq = self.held.front().map_or(self.next_seq, |event| event.seq);
         if after_seq + 1 < oldest_seq || after_seq > latest_seq {
             return Subscription::GapTooLarge {
                 oldest_seq,
@@ -163,7 +194,7 @@ impl BroadcastState {
             };
         }
         let backlog = self
-            .recent
+            .held
             .iter()
             .filter(|event| event.seq > after_seq)
             .cloned()

@@ -15,10 +15,11 @@ use serde_json::json;
 use thiserror::Error;
 use uuid::Uuid;
 
+use crate::actors::broadcast::BroadcastMessage;
 use crate::actors::gpu_model::{GpuModelMessage, WorkOutcome, WorkReport};
 use crate::actors::telemetry_writer::{NewMetric, TelemetryWriterMessage};
-use crate::events::GenerationItem;
-use crate::generation::{Job, JobStatus};
+use crate::events::{EventType, GenerationItem, JobEvent};
+use crate::generation::{Job, JobStatus, MediaType};
 use crate::model::GenerationError;
 use crate::storage::entities::{generation_jobs, personas, users};
 
@@ -48,6 +49,12 @@ pub enum SubmitError {
     /// The database refused to store it.
     #[error("the job could not be stored: {0}")]
     Storage(#[from] DbErr),
+    /// Too many jobs are waiting to be run or recorded.
+    #[error("{0} jobs are waiting to be run or recorded; retry later")]
+    Full(usize),
+    /// The service is shutting down.
+    #[error("the service is shutting down")]
+    Stopping,
 }
 
 /// Why a job could not be cancelled.
@@ -110,6 +117,8 @@ pub enum JobContextMessage {
     },
     /// The writer committed a job's row.
     RowCommitted(Uuid, GenerationItem),
+    /// Refuses new jobs and records the queued ones as failed, before a shutdown.
+    StopAccepting(RpcReplyPort<()>),
 }
 
 /// Spawn arguments of the JobContextActor.
@@ -118,10 +127,14 @@ pub struct JobContextArguments {
     pub db: DatabaseConnection,
     /// Rows go here.
     pub writer: ActorRef<TelemetryWriterMessage>,
+    /// Lifecycle events go here.
+    pub broadcast: ActorRef<BroadcastMessage>,
     /// Device names, in order.
     pub devices: Vec<String>,
     /// This host's name, stored on every row.
     pub host: String,
+    /// Jobs accepted but not yet recorded beyond which submissions are refused.
+    pub max_pending_jobs: usize,
 }
 
 struct DeviceSlot {
@@ -139,11 +152,14 @@ struct Entry {
 pub struct JobContextState {
     db: DatabaseConnection,
     writer: ActorRef<TelemetryWriterMessage>,
+    broadcast: ActorRef<BroadcastMessage>,
     host: String,
     devices: Vec<DeviceSlot>,
     queue: VecDeque<Uuid>,
     jobs: HashMap<Uuid, Entry>,
     finished: VecDeque<Uuid>,
+    max_pending_jobs: usize,
+    accepting: bool,
 }
 
 /// Keeps the registry of jobs and dispatches them.
@@ -162,6 +178,7 @@ impl Actor for JobContextActor {
         Ok(JobContextState {
             db: args.db,
             writer: args.writer,
+            broadcast: args.broadcast,
             host: args.host,
             devices: args
                 .devices
@@ -175,6 +192,8 @@ impl Actor for JobContextActor {
             queue: VecDeque::new(),
             jobs: HashMap::new(),
             finished: VecDeque::new(),
+            max_pending_jobs: args.max_pending_jobs,
+            accepting: true,
         })
     }
 
@@ -186,8 +205,18 @@ impl Actor for JobContextActor {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             JobContextMessage::SubmitJob(job, reply) => {
+                let pending = state.jobs.len() - state.finished.len();
+                if !state.accepting {
+                    let _ = reply.send(Err(SubmitError::Stopping));
+                    return Ok(());
+                }
+                if pending >= state.max_pending_jobs {
+                    let _ = reply.send(Err(SubmitError::Full(pending)));
+                    return Ok(());
+                }
                 let stored = state.store(&job).await;
                 if stored.is_ok() {
+                    state.announce(EventType::JobQueued, &job, |_| {});
                     state.accept(job);
                     state.dispatch();
                 }
@@ -216,10 +245,15 @@ impl Actor for JobContextActor {
                 job_id,
                 device_index,
             } => {
+                let device = state.devices[device_index].name.clone();
                 if let Some(entry) = state.jobs.get_mut(&job_id) {
                     entry.view.status = JobStatus::Running;
-                    entry.view.device = Some(state.devices[device_index].name.clone());
+                    entry.view.device = Some(device.clone());
                     entry.started = Some(Instant::now());
+                    let job = entry.view.job.clone();
+                    state.announce(EventType::JobStarted, &job, |event| {
+                        event.device = Some(device)
+                    });
                 }
             }
             JobContextMessage::JobProgress {
@@ -229,6 +263,17 @@ impl Actor for JobContextActor {
             } => {
                 if let Some(entry) = state.jobs.get_mut(&job_id) {
                     entry.view.progress = Some((done, total));
+                    let job = entry.view.job.clone();
+                    let device = entry.view.device.clone();
+                    state.announce(EventType::JobProgress, &job, |event| {
+                        event.device = device;
+                        event.step = Some(done);
+                        event.steps = Some(total);
+                        if event.frames.is_some() {
+                            event.frames_done =
+                                Some(if done == total { job.request.frames } else { 0 });
+                        }
+                    });
                 }
             }
             JobContextMessage::GenerationEnded {
@@ -241,6 +286,10 @@ impl Actor for JobContextActor {
                 state.dispatch();
             }
             JobContextMessage::RowCommitted(job_id, item) => state.row_committed(job_id, item),
+            JobContextMessage::StopAccepting(reply) => {
+                state.stop_accepting(&myself);
+                let _ = reply.send(());
+            }
         }
         Ok(())
     }
@@ -463,7 +512,7 @@ impl JobContextState {
         extra["seed"] = json!(request.seed);
         extra["scheduler"] = json!(request.scheduler);
         extra["loras"] = json!(request.loras);
-        if request.media_type == crate::generation::MediaType::Video {
+        if request.media_type == MediaType::Video {
             extra["frames"] = json!(request.frames);
             extra["fps"] = json!(request.fps);
         } else {
@@ -513,36 +562,90 @@ impl JobContextState {
         }
     }
 
-    /// Sends a row to the writer; its commit comes back as `RowCommitted`.
+    /// Sends a row to the writer; its commit comes back as `RowCommitted`. The row is in the
+    /// writer's mailbox when this returns, so a draining writer commits it.
     fn append(&self, myself: &ActorRef<JobContextMessage>, job_id: Uuid, mut row: NewMetric) {
         if let Some(entry) = self.jobs.get(&job_id) {
             row.extra["total_seconds"] = json!(entry.view.job.submitted.elapsed().as_secs_f64());
         }
-        let writer = self.writer.clone();
+        let (reply, committed) = ractor::concurrency::oneshot();
+        if self
+            .writer
+            .cast(TelemetryWriterMessage::Append(Box::new(row), reply.into()))
+            .is_err()
+        {
+            tracing::error!(job.id = %job_id, "row lost: the writer is not running");
+            return;
+        }
         let myself = myself.clone();
         tokio::spawn(async move {
-            match writer
-                .call(
-                    |reply| TelemetryWriterMessage::Append(Box::new(row), reply),
-                    None,
-                )
-                .await
-            {
-                Ok(ractor::rpc::CallResult::Success(item)) => {
+            match committed.await {
+                Ok(item) => {
                     let _ = myself.cast(JobContextMessage::RowCommitted(job_id, item));
                 }
-                _ => {
+                Err(_) => {
                     tracing::error!(job.id = %job_id, "the writer stopped before committing the job's row")
                 }
             }
         });
     }
 
+    /// Refuses new jobs from now on, and records every queued job as failed: it was accepted,
+    /// so it must leave a row.
+    fn stop_accepting(&mut self, myself: &ActorRef<JobContextMessage>) {
+        self.accepting = false;
+        let queued: Vec<Uuid> = self.queue.drain(..).collect();
+        for job_id in queued {
+            let Some(entry) = self.jobs.get(&job_id) else {
+                continue;
+            };
+            let job = entry.view.job.clone();
+            let ended = Ended::Failed {
+                kind: "service_stopped",
+                message: "the service stopped before the job ran".to_owned(),
+                elapsed: Duration::ZERO,
+            };
+            let row = self.row(&job, None, json!({}), ended, Instant::now());
+            self.append(myself, job_id, row);
+        }
+    }
+
+    /// Publishes a lifecycle event of `job`, filled in by `fill`.
+    fn announce(&self, event_type: EventType, job: &Job, fill: impl FnOnce(&mut JobEvent)) {
+        let request = &job.request;
+        let mut event = JobEvent {
+            job_id: job.id.to_string(),
+            user_id: job.user_id.clone(),
+            media_type: request.media_type.as_str().to_owned(),
+            model_name: request.model_name.clone(),
+            device: None,
+            step: None,
+            steps: None,
+            frames_done: None,
+            frames: (request.media_type == MediaType::Video).then_some(request.frames),
+            metric_id: None,
+            error: None,
+        };
+        fill(&mut event);
+        let _ = self
+            .broadcast
+            .cast(BroadcastMessage::PublishJob(event_type, Box::new(event)));
+    }
+
     fn row_committed(&mut self, job_id: Uuid, item: GenerationItem) {
         let Some(entry) = self.jobs.get_mut(&job_id) else {
             return;
         };
-        entry.view.status = JobStatus::parse(&item.status).unwrap_or(JobStatus::Failed);
+        let status = JobStatus::parse(&item.status).unwrap_or(JobStatus::Failed);
+        entry.view.status = status;
+        let event_type = match status {
+            JobStatus::Succeeded => EventType::JobFinished,
+            JobStatus::Cancelled => EventType::JobCancelled,
+            _ => EventType::JobFailed,
+        };
+        let job = entry.view.job.clone();
+        let (metric_id, device) = (item.id, item.device.clone());
+        let error = item.extra["error"]["message"].as_str().map(str::to_owned);
         tracing::debug!(
             job.id = %job_id,
             status = %item.status,
@@ -552,6 +655,11 @@ impl JobContextState {
         );
         entry.view.metrics = Some(item);
         entry.view.progress = None;
+        self.announce(event_type, &job, |event| {
+            event.device = Some(device);
+            event.metric_id = Some(metric_id);
+            event.error = error;
+        });
         self.finished.push_back(job_id);
         while self.finished.len() > FINISHED_JOBS_KEPT {
             if let Some(old) = self.finished.pop_front() {

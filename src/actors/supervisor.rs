@@ -17,6 +17,7 @@ use crate::actors::job_context::{JobContextActor, JobContextArguments, JobContex
 use crate::actors::telemetry_writer::{
     TelemetryWriterActor, TelemetryWriterArguments, TelemetryWriterMessage,
 };
+use crate::metrics::Metrics;
 
 /// What the runtime needs from the service's settings.
 pub struct RuntimeSettings {
@@ -36,6 +37,12 @@ pub struct RuntimeSettings {
     pub client_queue: usize,
     /// The most rows in one commit.
     pub max_batch: usize,
+    /// Prometheus metrics of committed rows.
+    pub metrics: Metrics,
+    /// Jobs accepted but not yet recorded beyond which submissions are refused.
+    pub max_pending_jobs: usize,
+    /// This service instance.
+    pub instance: uuid::Uuid,
 }
 
 /// Handles to the running actors.
@@ -116,6 +123,7 @@ impl Actor for RuntimeSupervisor {
                 db: settings.db.clone(),
                 recent_capacity: settings.recent_capacity,
                 client_queue: settings.client_queue,
+                metrics: settings.metrics,
             },
             cell.clone(),
         )
@@ -127,6 +135,7 @@ impl Actor for RuntimeSupervisor {
                 db: settings.db.clone(),
                 broadcast: broadcast.clone(),
                 max_batch: settings.max_batch,
+                instance: settings.instance,
             },
             cell.clone(),
         )
@@ -137,8 +146,10 @@ impl Actor for RuntimeSupervisor {
             JobContextArguments {
                 db: settings.db,
                 writer: writer.clone(),
+                broadcast: broadcast.clone(),
                 devices: settings.devices.clone(),
                 host: settings.host,
+                max_pending_jobs: settings.max_pending_jobs,
             },
             cell,
         )
@@ -241,12 +252,18 @@ impl Actor for RuntimeSupervisor {
 
 async fn shutdown(state: &mut SupervisorState) {
     let timeout = Some(Duration::from_secs(30));
+    let _ = state
+        .job_context
+        .call(JobContextMessage::StopAccepting, timeout)
+        .await;
+    // A device stops once its running job is done; its outcome is then in the registry's
+    // mailbox, which draining processes.
     for child in &mut state.devices {
         if let Some(cell) = child.cell.take() {
             let _ = cell.stop_and_wait(None, timeout).await;
         }
     }
-    let _ = state.job_context.stop_and_wait(None, timeout).await;
+    let _ = state.job_context.drain_and_wait(timeout).await;
     // Draining processes every row already sent before stopping, and the writer commits
     // what it still holds when it stops.
     let _ = state.writer.drain_and_wait(timeout).await;

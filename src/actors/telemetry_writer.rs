@@ -17,7 +17,9 @@ use crate::actors::broadcast::BroadcastMessage;
 use crate::events::GenerationItem;
 use crate::generation::JobStatus;
 use crate::storage::entities::generation_metrics;
+use crate::storage::notify::{self, Announcement};
 use crate::storage::timestamp_parameter;
+use uuid::Uuid;
 
 /// A measurement ready to be stored; `id` and `created_at` come from the database.
 #[derive(Debug, Clone, PartialEq)]
@@ -103,6 +105,8 @@ pub struct TelemetryWriterArguments {
     pub broadcast: ActorRef<BroadcastMessage>,
     /// The most rows in one transaction.
     pub max_batch: usize,
+    /// This service instance, named in the announcements of its commits on PostgreSQL.
+    pub instance: Uuid,
 }
 
 /// State of the writer: rows not yet committed, oldest first.
@@ -110,6 +114,7 @@ pub struct TelemetryWriterState {
     db: DatabaseConnection,
     broadcast: ActorRef<BroadcastMessage>,
     max_batch: usize,
+    instance: Uuid,
     pending: Vec<(Box<NewMetric>, RpcReplyPort<GenerationItem>)>,
     flush_scheduled: bool,
     failures: u32,
@@ -132,6 +137,7 @@ impl Actor for TelemetryWriterActor {
             db: args.db,
             broadcast: args.broadcast,
             max_batch: args.max_batch.max(1),
+            instance: args.instance,
             pending: Vec::new(),
             flush_scheduled: false,
             failures: 0,
@@ -243,6 +249,23 @@ impl TelemetryWriterActor {
         )
         .exec_with_returning(&transaction)
         .await?;
+        if backend == sea_orm::DatabaseBackend::Postgres {
+            // Delivered to listeners at commit, and only if the commit succeeds.
+            let announcement = Announcement {
+                instance: state.instance,
+                ids: committed.iter().map(|row| row.id).collect(),
+            };
+            transaction
+                .execute_raw(Statement::from_sql_and_values(
+                    backend,
+                    "SELECT pg_notify($1, $2)",
+                    [
+                        Value::from(notify::CHANNEL),
+                        Value::from(serde_json::to_string(&announcement).unwrap_or_default()),
+                    ],
+                ))
+                .await?;
+        }
         transaction.commit().await?;
 
         let senders: Vec<_> = state

@@ -129,3 +129,12 @@ impl Claims {
         self.role == Role::Operator
     }
 }
+
+/// The token of an `Authorization: Bearer` header, if the request has one.
+pub fn bearer_token(request: &Request) -> Option<&str> {
+    request
+        .headers()
+        .get(poem::http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+}

@@ -169,7 +169,7 @@ enum SubmitResponse {
     #[oai(status = 401)]
     #[allow(dead_code)] // answered by the bearer scheme's checker; listed for the document
     Unauthorized(Json<ErrorBody>),
-    /// The job could not be stored.
+    /// The job could not be stored, too many jobs are waiting, or the service is stopping.
     #[oai(status = 503)]
     Unavailable(Json<ErrorBody>),
 }

@@ -258,13 +258,12 @@ impl TelemetryApi {
             .await
         {
             Ok(CallResult::Success(events)) => events
-                .iter()
+                .into_iter()
                 .filter(|event| {
                     filter
                         .media_type
                         .is_none_or(|media| event.data.media_type == media.as_str())
                 })
-                .map(|event| (**event).clone())
                 .collect(),
             _ => Vec::new(),
         };

@@ -20,7 +20,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::actors::{BroadcastMessage, Subscription};
 use crate::api::AppState;
-use crate::api::auth::verify_for_request;
+use crate::api::auth::{bearer_token, verify_for_request};
 use crate::api::errors::{ErrorBody, to_json_error};
 
 /// Close code sent when the client's token expires.
@@ -48,13 +48,7 @@ pub async fn system_channel(
     Data(state): Data<&AppState>,
     RemoteAddr(remote): &RemoteAddr,
 ) -> Response {
-    let header_token = request
-        .headers()
-        .get(poem::http::header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .map(str::to_owned);
-    let Some(token) = header_token.or(query.token) else {
+    let Some(token) = bearer_token(request).map(str::to_owned).or(query.token) else {
         return to_json_error(poem::Error::from_string(
             "a bearer token is needed, in the Authorization header or the `token` parameter",
             StatusCode::UNAUTHORIZED,
@@ -119,7 +113,7 @@ pub async fn system_channel(
             }
         };
         for event in backlog {
-            if sink.send(Message::Text(serde_json::to_string(&*event).unwrap_or_default())).await.is_err() {
+            if sink.send(Message::Text(event.json.clone())).await.is_err() {
                 return;
             }
         }
@@ -132,8 +126,7 @@ pub async fn system_channel(
             tokio::select! {
                 received = receiver.recv() => match received {
                     Ok(event) => {
-                        let text = serde_json::to_string(&*event).unwrap_or_default();
-                        if sink.send(Message::Text(text)).await.is_err() {
+                        if sink.send(Message::Text(event.json.clone())).await.is_err() {
                             return;
                         }
                     }

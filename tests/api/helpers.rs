@@ -38,6 +38,7 @@ pub struct AppOptions {
     pub factory: Option<RuntimeFactory>,
     pub recent_size: usize,
     pub client_queue: usize,
+    pub max_pending_jobs: usize,
 }
 
 impl Default for AppOptions {
@@ -47,6 +48,7 @@ impl Default for AppOptions {
             factory: None,
             recent_size: 50,
             client_queue: 1024,
+            max_pending_jobs: 10_000,
         }
     }
 }
@@ -58,7 +60,9 @@ pub async fn spawn_app() -> TestApp {
 
 /// Starts the service with the given devices and runtime factory.
 pub async fn spawn_app_with(options: AppOptions) -> TestApp {
-    seidra::logging::init(LogFormat::Text);
+    if std::env::var_os("TEST_LOG").is_some() {
+        seidra::logging::init(LogFormat::Text);
+    }
     let temp = tempfile::tempdir().expect("a temporary directory");
     let database_url = fresh_database().await;
     let settings = Settings {
@@ -75,6 +79,9 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
         weights: None,
         log_format: LogFormat::Text,
         migrate: true,
+        metrics_address: None,
+        retention_days: 30,
+        max_pending_jobs: options.max_pending_jobs,
     };
     let factory = options.factory.unwrap_or_else(|| devices::factory(None));
     let app = Application::build_with(&settings, options.devices, factory)

@@ -2,8 +2,11 @@
 //! WebSocket as clients drive it.
 
 mod auth;
+mod doubles;
 mod helpers;
 mod jobs;
+mod measurement;
+mod metrics;
 mod openapi;
 mod storage;
 mod telemetry;

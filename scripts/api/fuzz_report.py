@@ -1,0 +1,187 @@
+"""Summarises a schemathesis NDJSON report (schemathesis run --report ndjson).
+
+    python fuzz_report.py REPORT.ndjson [--examples N]
+
+Counts generated test cases (each with its own request), the cases whose checks all passed
+and those where at least one check failed, by phase and by operation; then lists every
+distinct failure (check x operation x response status) with one example: the request, the
+response, and the check's message. Prints the closing line `fuzz: N passed, N failed`
+(test cases). Exits 1 when any case failed, when a 5xx was seen, or when fewer than
+--min-cases cases were generated.
+"""
+
+import argparse
+import base64
+import collections
+import json
+import re
+import sys
+
+
+def text_of(body, limit=400):
+    if body is None:
+        return ""
+    if isinstance(body, dict) and "$base64" in body:
+        raw = base64.b64decode(body["$base64"])
+    elif isinstance(body, dict) and "string" in body:
+        raw = body["string"].encode()
+    elif isinstance(body, str):
+        raw = body.encode()
+    else:
+        raw = json.dumps(body).encode()
+    text = raw.decode("utf-8", errors="replace")
+    return text if len(text) <= limit else text[:limit] + f"… ({len(raw)} bytes)"
+
+
+def response_message(response):
+    """The `message` of a JSON error answer with quoted input elided, to group answers."""
+    try:
+        message = json.loads(text_of(response.get("content"), limit=100000)).get("message", "")
+    except (ValueError, AttributeError):
+        return "(no JSON message)"
+    message = re.sub(r"`[^`]*`", "`…`", str(message))
+    message = re.sub(r"found `…` at \\d+|found .* at \\d+", "found … at N", message)
+    return message[:160]
+
+
+def shell_quote(text):
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("report")
+    parser.add_argument("--min-cases", type=int, default=0)
+    args = parser.parse_args()
+
+    cases = {}  # id -> (phase, label)
+    checks = {}  # id -> list of check results
+    interactions = {}  # id -> interaction
+    with open(args.report, encoding="utf-8") as report:
+        for line in report:
+            event = json.loads(line)
+            finished = event.get("ScenarioFinished")
+            if not finished:
+                continue
+            recorder = finished.get("recorder") or {}
+            label = recorder.get("label", "?")
+            for case_id, case in (recorder.get("cases") or {}).items():
+                value = case.get("value") or {}
+                # Stateful scenarios are labelled as a whole: name each step by its own call.
+                own = f"{value.get('method', '')} {value.get('path', '')}".strip() or label
+                cases.setdefault(case_id, (finished.get("phase", "?"), own))
+            for case_id, results in (recorder.get("checks") or {}).items():
+                checks.setdefault(case_id, []).extend(results)
+            for case_id, interaction in (recorder.get("interactions") or {}).items():
+                interactions[case_id] = interaction
+
+    failed_ids = {
+        case_id for case_id, results in checks.items()
+        if any(result.get("status") == "failure" for result in results)
+    }
+    checked_ids = set(checks)
+    passed_ids = checked_ids - failed_ids
+    unchecked = set(cases) - checked_ids
+
+    by_phase = collections.Counter(phase for phase, _ in cases.values())
+    print(f"generated test cases: {len(cases)} ({', '.join(f'{p} {n}' for p, n in sorted(by_phase.items()))})")
+    print(f"  with every check run passing: {len(passed_ids)}; with a failed check: {len(failed_ids)}; "
+          f"no check recorded (no response): {len(unchecked)}")
+    by_label = collections.defaultdict(lambda: [0, 0])
+    for case_id in checked_ids:
+        by_label[cases.get(case_id, ("?", "?"))[1]][0 if case_id in passed_ids else 1] += 1
+    singles = [0, 0]
+    for label in sorted(by_label):
+        ok, bad = by_label[label]
+        if ok + bad == 1:
+            singles[0] += ok
+            singles[1] += bad
+            continue
+        print(f"  {label}: {ok} passed, {bad} failed")
+    if sum(singles):
+        print(f"  one-case probes (undeclared methods on each path): {singles[0]} passed, {singles[1]} failed")
+
+    statuses = collections.Counter()
+    server_errors = []
+    for case_id, interaction in interactions.items():
+        status = (interaction.get("response") or {}).get("status_code")
+        statuses[status] += 1
+        if isinstance(status, int) and status >= 500:
+            server_errors.append(case_id)
+    print("response statuses: " + ", ".join(f"{s}: {n}" for s, n in sorted(statuses.items(), key=lambda kv: str(kv[0]))))
+    print(f"5xx responses: {len(server_errors)}")
+
+    # Distinct failures: one group per check x response status; within a group, the operations
+    # it hit and, for schema violations, every schema location violated; one example each.
+    groups = collections.OrderedDict()
+    for case_id in sorted(failed_ids, key=lambda c: (cases.get(c, ("", ""))[1], c)):
+        response = (interactions.get(case_id) or {}).get("response") or {}
+        label = cases.get(case_id, ("?", "?"))[1]
+        for result in checks[case_id]:
+            if result.get("status") != "failure":
+                continue
+            failure = (result.get("failure_info") or {}).get("failure") or {}
+            key = (result.get("name"), failure.get("code") or "", response.get("status_code"))
+            group = groups.setdefault(key, {"operations": collections.OrderedDict(), "locations": collections.Counter()})
+            group["operations"].setdefault(label, {"cases": set(), "case": case_id, "failure": failure})
+            group["operations"][label]["cases"].add(case_id)
+            group.setdefault("messages", collections.Counter())[response_message(response)] += 1
+            message = str(failure.get("message") or "")
+            first_line = message.split("\n", 1)[0]
+            for location in re.findall(r"Schema at (\S+?):", message):
+                group["locations"][(location, first_line)] += 1
+
+    if groups:
+        print(f"\nfailures, by check and response status: {len(groups)} group(s)")
+    for (name, code, status), group in groups.items():
+        total = len(set().union(*(op["cases"] for op in group["operations"].values())))
+        title = next(iter(group["operations"].values()))["failure"].get("title") or ""
+        print(f"\n- {code} {title} [check {name}], response {status}: {total} case(s)")
+        for location, first_line in sorted(group["locations"]):
+            print(f"    violated: {location}: {first_line}")
+        messages = group.get("messages") or collections.Counter()
+        if len(messages) > 1 and not group["locations"]:
+            print("    answers (message, `…` for the quoted input):")
+            for message, count in messages.most_common(12):
+                print(f"      {count:5d} x {message}")
+        operations = list(group["operations"].items())
+        if len(operations) > 4:
+            print(f"    operations: {', '.join(label for label, _ in operations)}")
+            operations = operations[:2]
+            print("    two examples:")
+        for label, op in operations:
+            case_id = op["case"]
+            interaction = interactions.get(case_id) or {}
+            request = interaction.get("request") or {}
+            response = interaction.get("response") or {}
+            detail = " ".join(str(op["failure"].get("message") or "").split())
+            print(f"  * {label}: {len(op['cases'])} case(s), e.g. case {case_id}")
+            print(f"      check says: {detail[:300]}")
+            headers = {k: v for k, v in (request.get("headers") or {}).items() if k.lower() != "authorization"}
+            has_token = any(k.lower() == "authorization" for k in (request.get("headers") or {}))
+            body = text_of(request.get("body"), limit=2000) if request.get("body") else ""
+            curl = ["curl -s -i -X", request.get("method", "GET")]
+            if has_token:
+                curl.append('-H "Authorization: Bearer $TOKEN"')
+            for key, values in headers.items():
+                for value in values if isinstance(values, list) else [values]:
+                    curl.append("-H " + shell_quote(f"{key}: {value}"))
+            if body:
+                curl.append("--data-binary " + shell_quote(body))
+            curl.append(shell_quote(request.get("uri", "")))
+            print(f"      request:  {' '.join(curl)}")
+            content_type = (response.get("headers") or {}).get("content-type")
+            if isinstance(content_type, list):
+                content_type = ", ".join(content_type)
+            print(f"      response: {status} ({content_type}) {text_of(response.get('content'), limit=300)}")
+
+    print(f"fuzz: {len(passed_ids)} passed, {len(failed_ids)} failed")
+    ok = not failed_ids and not server_errors
+    if len(cases) < args.min_cases:
+        print(f"only {len(cases)} test cases were generated, fewer than {args.min_cases}")
+        ok = False
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
