@@ -26,7 +26,7 @@ use seidra::model::{Generator, StepObserver};
 const SAMPLE_PERIOD: Duration = Duration::from_millis(10);
 
 /// A/B pairs in the interleaved comparison.
-const PAIRS: usize = 30;
+const PAIRS: usize = 60;
 
 /// How long the sampler's CPU time is read over, idle and busy.
 const CPU_WINDOW: Duration = Duration::from_secs(5);
@@ -177,6 +177,10 @@ fn interleaved_overhead(bench: &mut Bench) {
         on.push(b);
         differences.push(b - a);
     }
+    let count = differences.len() as f64;
+    let mean = differences.iter().sum::<f64>() / count;
+    let variance = differences.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / (count - 1.0);
+    let standard_error = (variance / count).sqrt();
     let (off_median, on_median) = (median(&mut off), median(&mut on));
     let difference_median = median(&mut differences);
     let mut spread: Vec<f64> = differences
@@ -194,6 +198,12 @@ fn interleaved_overhead(bench: &mut Bench) {
         100.0 * difference_median / off_median,
         spread * 1e3,
         100.0 * spread / off_median,
+    );
+    println!(
+        "  mean paired difference {:+.3} ms = {:+.2} % +/- {:.2} % (one standard error)",
+        mean * 1e3,
+        100.0 * mean / off_median,
+        100.0 * standard_error / off_median,
     );
 }
 

@@ -20,6 +20,7 @@ pub struct GenerationItem {
     /// The user who submitted the job.
     pub user_id: String,
     /// The persona the job was for.
+    #[oai(nullable)]
     pub persona_id: Option<String>,
     /// `image` or `video`.
     pub media_type: String,
@@ -32,14 +33,19 @@ pub struct GenerationItem {
     /// Inference time in seconds, device synchronised; time until failure for a failed job.
     pub duration_seconds: f64,
     /// `outputs / duration_seconds`; null when nothing was produced.
+    #[oai(nullable)]
     pub throughput: Option<f64>,
     /// Allocator MiB in use at the end; null on a device without its own memory.
+    #[oai(nullable)]
     pub vram_allocated_mb: Option<f64>,
     /// Allocator MiB reserved from the driver at the end.
+    #[oai(nullable)]
     pub vram_reserved_mb: Option<f64>,
     /// Most allocator MiB in use during the job.
+    #[oai(nullable)]
     pub vram_peak_mb: Option<f64>,
     /// Peak minus MiB in use at the job's start.
+    #[oai(nullable)]
     pub vram_delta_mb: Option<f64>,
     /// Request parameters without a column, timings and device-level figures.
     pub extra: serde_json::Value,
@@ -128,19 +134,26 @@ pub struct JobEvent {
     /// The model.
     pub model_name: String,
     /// The device, once the job has started.
+    #[oai(nullable)]
     pub device: Option<String>,
     /// Denoising steps done (progress events).
+    #[oai(nullable)]
     pub step: Option<u32>,
     /// Denoising steps in all (progress events).
+    #[oai(nullable)]
     pub steps: Option<u32>,
     /// Frames finished, for a video job (progress events). Frames are denoised together, so
     /// this is 0 until the last step and then every frame.
+    #[oai(nullable)]
     pub frames_done: Option<u32>,
     /// Frames in all, for a video job.
+    #[oai(nullable)]
     pub frames: Option<u32>,
     /// The committed row's id (finished, failed and cancelled events).
+    #[oai(nullable)]
     pub metric_id: Option<i64>,
     /// The error, for a failed job.
+    #[oai(nullable)]
     pub error: Option<String>,
 }
 
@@ -209,10 +222,12 @@ impl ChannelEvent {
     }
 }
 
-/// A `telemetry.generation` message as the endpoint's `recent` shows it.
+/// A `telemetry.generation` message as the endpoint's `recent` shows it: `type` says what
+/// `data` holds (a committed row), `channel` is `system`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Object)]
 pub struct EventEnvelope {
-    /// What `data` holds.
+    // Described in the struct's documentation: a field comment would make the document wrap
+    // the reference in `allOf`, which generated clients reject.
     #[serde(rename = "type")]
     #[oai(rename = "type")]
     pub event_type: EventType,
@@ -223,7 +238,7 @@ pub struct EventEnvelope {
     /// When the service emitted the message.
     #[serde(with = "rfc3339")]
     pub emitted_at: DateTime<Utc>,
-    /// The payload.
+    // Described in the struct's documentation.
     pub data: GenerationItem,
 }
 

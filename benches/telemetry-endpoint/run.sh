@@ -25,12 +25,12 @@
 # benches/telemetry-endpoint/results/<UTC time>). Needs: target/debug/seidra (built with
 # `cargo build` when missing), python3, curl, wrk and psql (installed with apt-get when
 # missing), a PostgreSQL server for the postgres backend (trust auth), apsw from PyPI
-# (requirements.txt, into .venv). Runs 6 to 10 minutes per backend on 2 cores.
+# (requirements.txt, into .venv). Takes about 5 minutes per backend on 2 cores.
 set -uo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
-# shellcheck source=../../scripts/api/lib.sh
+# shellcheck source=scripts/api/lib.sh
 . "$root/scripts/api/lib.sh"
 
 backends=${1:-all}
@@ -220,6 +220,7 @@ bench_backend() {
     since=$(since_of "$scenario" "$backend")
     media=$(media_of "$scenario")
     echo
+    # shellcheck disable=SC2016 # the quotes are literal, $since expands
     echo "-- statements of $(label "$scenario") on $backend${since:+ (created_at >= '$since')}"
     if [ "$backend" = postgres ]; then
       python3 "$here/statements.py" postgres-script "$out/statements.json" "$(uri_of "$scenario")" "$since" "$media" --runs "$runs" \
@@ -243,7 +244,8 @@ bench_backend() {
     token=$(seidra_token "$data")
     uri=$(uri_of "$scenario")
     curl -sf -o /dev/null -H "Authorization: Bearer $token" "$SEIDRA_URL$uri" || return 1
-    local wrk_out=$results/wrk-$(label "$scenario" | tr -c 'a-z0-9\n' '_').txt
+    local wrk_out
+    wrk_out=$results/wrk-$(label "$scenario" | tr -c 'a-z0-9\n' '_').txt
     local background
     background=$(cpu_busy_pct 3)
     echo

@@ -16,9 +16,10 @@
 # runs offline after that. SPEC=path checks another document instead of openapi/openapi.json.
 set -uo pipefail
 
+[ -n "${SPEC:-}" ] && SPEC=$(realpath -m -- "$SPEC")
 here=$(cd "$(dirname "$0")" && pwd)
 cd "$here" || exit 2
-# shellcheck source=lib.sh
+# shellcheck source=scripts/api/lib.sh
 . ./lib.sh
 
 spec=${SPEC:-$SEIDRA_ROOT/openapi/openapi.json}

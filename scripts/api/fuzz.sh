@@ -22,9 +22,10 @@
 # not start. Installs on the first run, offline after that.
 set -uo pipefail
 
+[ -n "${FUZZ_REPORT_DIR:-}" ] && FUZZ_REPORT_DIR=$(realpath -m -- "$FUZZ_REPORT_DIR")
 here=$(cd "$(dirname "$0")" && pwd)
 cd "$here" || exit 2
-# shellcheck source=lib.sh
+# shellcheck source=scripts/api/lib.sh
 . ./lib.sh
 
 max_examples=${FUZZ_MAX_EXAMPLES:-150}
@@ -55,7 +56,9 @@ seidra_small_job "$token" > /dev/null || { echo "fuzz: the image job did not suc
 
 echo "schemathesis $(.venv/bin/pip show schemathesis 2> /dev/null | sed -n 's/^Version: //p'): --checks all --max-examples $max_examples --seed $seed --workers $workers"
 start=$(date +%s)
-.venv/bin/schemathesis run "$SEIDRA_URL/openapi.json" \
+# From the temporary folder: schemathesis and hypothesis keep caches in the working directory
+# (.schemathesis/, .hypothesis/), and a crash cache would replay earlier failures first.
+(cd "$work" && "$here/.venv/bin/schemathesis" run "$SEIDRA_URL/openapi.json" \
   --header "Authorization: Bearer $token" \
   --checks all \
   --max-examples "$max_examples" \
@@ -67,7 +70,7 @@ start=$(date +%s)
   --no-color \
   --output-truncate true \
   --report junit,ndjson --report-dir "$report_dir" \
-  > "$work/schemathesis.log" 2>&1
+  > "$work/schemathesis.log" 2>&1)
 st_status=$?
 echo "schemathesis exited $st_status after $(($(date +%s) - start)) s; its summary:"
 sed -n '/^=* SUMMARY =*$/,$p' "$work/schemathesis.log" | sed 's/^/  /'

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by scripts/api/*.sh and benches/telemetry-endpoint/run.sh: build the binary once,
 # start the service on a free loopback port, mint tokens, stop it on exit.
 # Source it; it defines functions and variables only.

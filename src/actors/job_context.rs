@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use sea_orm::sea_query::OnConflict;
-use sea_orm::{ActiveValue::NotSet, ActiveValue::Set, DatabaseConnection, DbErr, EntityTrait};
+use sea_orm::{
+    ActiveValue::NotSet, ActiveValue::Set, ColumnTrait, DatabaseConnection, DbErr, EntityTrait,
+    QueryFilter,
+};
 use serde_json::json;
 use thiserror::Error;
 use uuid::Uuid;
@@ -19,7 +22,7 @@ use crate::actors::broadcast::BroadcastMessage;
 use crate::actors::gpu_model::{GpuModelMessage, WorkOutcome, WorkReport};
 use crate::actors::telemetry_writer::{NewMetric, TelemetryWriterMessage};
 use crate::events::{EventType, GenerationItem, JobEvent};
-use crate::generation::{Job, JobStatus, MediaType};
+use crate::generation::{CancelFlag, GenerationRequest, Job, JobStatus, MediaType};
 use crate::model::GenerationError;
 use crate::storage::entities::{generation_jobs, personas, users};
 
@@ -172,10 +175,10 @@ impl Actor for JobContextActor {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         args: JobContextArguments,
     ) -> Result<Self::State, ActorProcessingErr> {
-        Ok(JobContextState {
+        let mut state = JobContextState {
             db: args.db,
             writer: args.writer,
             broadcast: args.broadcast,
@@ -194,7 +197,9 @@ impl Actor for JobContextActor {
             finished: VecDeque::new(),
             max_pending_jobs: args.max_pending_jobs,
             accepting: true,
-        })
+        };
+        state.recover_interrupted(&myself).await?;
+        Ok(state)
     }
 
     async fn handle(
@@ -296,6 +301,50 @@ impl Actor for JobContextActor {
 }
 
 impl JobContextState {
+    /// Records as failed the jobs this host accepted in an earlier run that never ended (the
+    /// service was killed or crashed): every accepted job leaves a row. They are not run again.
+    async fn recover_interrupted(
+        &mut self,
+        myself: &ActorRef<JobContextMessage>,
+    ) -> Result<(), DbErr> {
+        let interrupted = generation_jobs::Entity::find()
+            .filter(generation_jobs::Column::Host.eq(self.host.clone()))
+            .filter(
+                generation_jobs::Column::Status
+                    .is_in([JobStatus::Queued.as_str(), JobStatus::Running.as_str()]),
+            )
+            .all(&self.db)
+            .await?;
+        for stored in interrupted {
+            let (Ok(id), Ok(request)) = (
+                Uuid::parse_str(&stored.id),
+                serde_json::from_value::<GenerationRequest>(stored.parameters.clone()),
+            ) else {
+                tracing::warn!(job.id = %stored.id, "an interrupted job cannot be read; left as it is");
+                continue;
+            };
+            let job = Job {
+                id,
+                user_id: stored.user_id,
+                persona_id: stored.persona_id,
+                request,
+                submitted: Instant::now(),
+                submitted_at: stored.submitted_at,
+                cancel: CancelFlag::default(),
+            };
+            tracing::warn!(job.id = %id, "recording a job interrupted by an earlier stop as failed");
+            let ended = Ended::Failed {
+                kind: "interrupted",
+                message: "the service stopped (killed or crashed) before the job ended; it was not run again".to_owned(),
+                elapsed: Duration::ZERO,
+            };
+            let row = self.row(&job, None, json!({}), ended, Instant::now());
+            self.accept_without_queueing(job);
+            self.append(myself, id, row);
+        }
+        Ok(())
+    }
+
     /// Stores the job as queued, registering its user and persona on first sight.
     async fn store(&self, job: &Job) -> Result<(), DbErr> {
         users::Entity::insert(users::ActiveModel {
@@ -344,6 +393,11 @@ impl JobContextState {
     fn accept(&mut self, job: Job) {
         tracing::debug!(job.id = %job.id, media_type = job.request.media_type.as_str(), "job queued");
         self.queue.push_back(job.id);
+        self.accept_without_queueing(job);
+    }
+
+    /// Registers a job so that it can be read; it runs only if it is also queued.
+    fn accept_without_queueing(&mut self, job: Job) {
         self.jobs.insert(
             job.id,
             Entry {

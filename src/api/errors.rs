@@ -66,7 +66,10 @@ pub async fn to_json_error(error: poem::Error) -> Response {
 
 /// The enums of request bodies, with the field that holds each and its values. poem-openapi
 /// names the type, not the field, when a body holds an unknown enum value.
-const BODY_ENUMS: [(&str, &str, &str); 1] = [("MediaType", "media_type", "image, video")];
+const BODY_ENUMS: [(&str, &str, &str); 2] = [
+    ("SubmitJobBody", "media_type", "image, video"),
+    ("ModelName", "model", "seidra-tiny-diffusion"),
+];
 
 fn name_enum_fields(message: String) -> String {
     for (type_name, field, values) in BODY_ENUMS {

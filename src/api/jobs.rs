@@ -6,7 +6,7 @@ use chrono::Utc;
 use poem::web::Data;
 use poem_openapi::param::Path;
 use poem_openapi::payload::{Binary, Json};
-use poem_openapi::{ApiResponse, Object, OpenApi};
+use poem_openapi::{ApiResponse, Enum, Object, OpenApi, ResponseContent, Union};
 use ractor::rpc::CallResult;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use uuid::Uuid;
@@ -22,19 +22,26 @@ use crate::model::diffusion::BUILTIN_MODEL;
 use crate::model::encode::content_type;
 use crate::storage::entities::{generation_jobs, generation_metrics};
 
-/// A generation request. Sizes are in pixels; unset fields take the documented defaults.
+/// The model to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+pub enum ModelName {
+    /// The built-in burn model.
+    #[oai(rename = "seidra-tiny-diffusion")]
+    SeidraTinyDiffusion,
+}
+
+/// What every job takes. Sizes are in pixels; unset fields take the documented defaults.
 #[derive(Debug, Clone, Object)]
-pub struct SubmitJobBody {
-    /// `image` or `video`.
-    pub media_type: MediaType,
+pub struct CommonJobFields {
     /// The text to condition on.
     #[oai(validator(min_length = 1, max_length = 2000))]
     pub prompt: String,
     /// The persona the job is for.
     #[oai(validator(min_length = 1, max_length = 128))]
     pub persona_id: Option<String>,
-    /// The model; default and only choice: `seidra-tiny-diffusion`.
-    pub model: Option<String>,
+    // The model; default and only choice `seidra-tiny-diffusion` (a field comment would wrap
+    // the enum's reference in `allOf`, which generated clients reject).
+    pub model: Option<ModelName>,
     /// Width, a multiple of 8 from 16 to 512; default 64.
     #[oai(validator(minimum(value = "16"), maximum(value = "512"), multiple_of = "8"))]
     pub width: Option<u32>,
@@ -45,62 +52,98 @@ pub struct SubmitJobBody {
     #[oai(validator(minimum(value = "1"), maximum(value = "200")))]
     pub steps: Option<u32>,
     /// Seed of the initial noise; random when unset (the row records it).
+    #[oai(validator(minimum(value = "0")))]
     pub seed: Option<u64>,
-    /// Images of an image job, 1 to 16; default 1.
-    #[oai(validator(minimum(value = "1"), maximum(value = "16")))]
-    pub images: Option<u32>,
-    /// Frames of a video job, 2 to 120; default 8.
-    #[oai(validator(minimum(value = "2"), maximum(value = "120")))]
-    pub frames: Option<u32>,
-    /// Frames per second of a video job, 1 to 60; default 8.
-    #[oai(validator(minimum(value = "1"), maximum(value = "60")))]
-    pub fps: Option<u32>,
     /// The sampler; default `ddim`.
+    #[oai(validator(min_length = 1, max_length = 64))]
     pub scheduler: Option<String>,
     /// LoRA adapters to apply.
     #[oai(validator(max_items = 8))]
     pub loras: Option<Vec<LoraSpec>>,
 }
 
+/// An image job.
+#[derive(Debug, Clone, Object)]
+pub struct ImageJobBody {
+    // Prompt, sizes, steps and the other fields every job takes.
+    #[oai(flatten)]
+    pub common: CommonJobFields,
+    /// Images to produce, 1 to 16; default 1.
+    #[oai(validator(minimum(value = "1"), maximum(value = "16")))]
+    pub images: Option<u32>,
+}
+
+/// A video job.
+#[derive(Debug, Clone, Object)]
+pub struct VideoJobBody {
+    // Prompt, sizes, steps and the other fields every job takes.
+    #[oai(flatten)]
+    pub common: CommonJobFields,
+    /// Frames to produce, 2 to 120; default 8.
+    #[oai(validator(minimum(value = "2"), maximum(value = "120")))]
+    pub frames: Option<u32>,
+    /// Frames per second, 1 to 60; default 8.
+    #[oai(validator(minimum(value = "1"), maximum(value = "60")))]
+    pub fps: Option<u32>,
+}
+
+/// A generation request: an image job or a video job, told apart by `media_type`.
+#[derive(Debug, Clone, Union)]
+#[oai(discriminator_name = "media_type")]
+pub enum SubmitJobBody {
+    /// `"media_type": "image"`.
+    #[oai(mapping = "image")]
+    Image(ImageJobBody),
+    /// `"media_type": "video"`.
+    #[oai(mapping = "video")]
+    Video(VideoJobBody),
+}
+
 impl SubmitJobBody {
-    /// The request with every default filled in.
-    pub fn into_request(self) -> Result<GenerationRequest, String> {
-        let model_name = self.model.unwrap_or_else(|| BUILTIN_MODEL.to_owned());
-        if model_name != BUILTIN_MODEL {
-            return Err(format!(
-                "model: `{model_name}` is not loaded; available: {BUILTIN_MODEL}"
-            ));
+    /// The persona the job is for.
+    pub fn persona_id(&self) -> Option<String> {
+        self.common().persona_id.clone()
+    }
+
+    fn common(&self) -> &CommonJobFields {
+        match self {
+            SubmitJobBody::Image(body) => &body.common,
+            SubmitJobBody::Video(body) => &body.common,
         }
-        let (images, frames, fps) = match self.media_type {
-            MediaType::Image => {
-                if self.frames.is_some() || self.fps.is_some() {
-                    return Err("frames, fps: only a video job takes them".to_owned());
-                }
-                (self.images.unwrap_or(1), 0, 0)
-            }
-            MediaType::Video => {
-                if self.images.is_some() {
-                    return Err(
-                        "images: only an image job takes it; a video job takes frames".to_owned(),
-                    );
-                }
-                (0, self.frames.unwrap_or(8), self.fps.unwrap_or(8))
-            }
+    }
+
+    /// The request with every default filled in.
+    pub fn into_request(self) -> GenerationRequest {
+        let (media_type, common, images, frames, fps) = match self {
+            SubmitJobBody::Image(body) => (
+                MediaType::Image,
+                body.common,
+                body.images.unwrap_or(1),
+                0,
+                0,
+            ),
+            SubmitJobBody::Video(body) => (
+                MediaType::Video,
+                body.common,
+                0,
+                body.frames.unwrap_or(8),
+                body.fps.unwrap_or(8),
+            ),
         };
-        Ok(GenerationRequest {
-            media_type: self.media_type,
-            prompt: self.prompt,
-            model_name,
-            width: self.width.unwrap_or(64),
-            height: self.height.unwrap_or(64),
-            steps: self.steps.unwrap_or(12),
-            seed: self.seed.unwrap_or_else(rand::random),
+        GenerationRequest {
+            media_type,
+            prompt: common.prompt,
+            model_name: BUILTIN_MODEL.to_owned(),
+            width: common.width.unwrap_or(64),
+            height: common.height.unwrap_or(64),
+            steps: common.steps.unwrap_or(12),
+            seed: common.seed.unwrap_or_else(rand::random),
             images,
             frames,
             fps,
-            scheduler: self.scheduler.unwrap_or_else(|| "ddim".to_owned()),
-            loras: self.loras.unwrap_or_default(),
-        })
+            scheduler: common.scheduler.unwrap_or_else(|| "ddim".to_owned()),
+            loras: common.loras.unwrap_or_default(),
+        }
     }
 }
 
@@ -109,7 +152,7 @@ impl SubmitJobBody {
 pub struct JobAccepted {
     /// The job's id.
     pub job_id: Uuid,
-    /// `queued`.
+    // `queued` (`cancelled` when answering a cancellation).
     pub status: JobStatus,
     /// Where to read the job.
     pub url: String,
@@ -138,20 +181,23 @@ pub struct JobFile {
 pub struct JobResponse {
     /// The job's id.
     pub job_id: Uuid,
-    /// Where it stands; `succeeded`, `failed` and `cancelled` come only after its row is
-    /// committed.
+    // Where it stands; `succeeded`, `failed` and `cancelled` come only after its row is
+    // committed. (A field comment would wrap the reference in `allOf`.)
     pub status: JobStatus,
-    /// `image` or `video`.
+    // `image` or `video`.
     pub media_type: MediaType,
     /// The model.
     pub model_name: String,
     /// The prompt.
     pub prompt: String,
     /// The device running or that ran it.
+    #[oai(nullable)]
     pub device: Option<String>,
-    /// Steps done, while it runs.
+    // Steps done, while it runs.
+    #[oai(nullable)]
     pub progress: Option<JobProgress>,
-    /// Its committed row, once it has ended.
+    // Its committed row, once it has ended.
+    #[oai(nullable)]
     pub metrics: Option<GenerationItem>,
     /// Its files.
     pub files: Vec<JobFile>,
@@ -164,7 +210,12 @@ enum SubmitResponse {
     Accepted(Json<JobAccepted>),
     /// The request is invalid; the message names the field.
     #[oai(status = 400)]
+    #[allow(dead_code)] // answered by body parsing; listed for the document
     BadRequest(Json<ErrorBody>),
+    /// The body is not JSON.
+    #[oai(status = 415)]
+    #[allow(dead_code)] // answered by body parsing; listed for the document
+    UnsupportedMediaType(Json<ErrorBody>),
     /// No valid token.
     #[oai(status = 401)]
     #[allow(dead_code)] // answered by the bearer scheme's checker; listed for the document
@@ -177,6 +228,10 @@ enum SubmitResponse {
 #[derive(ApiResponse)]
 #[allow(clippy::large_enum_variant)] // built once per request
 enum GetJobResponse {
+    /// The job id is not a UUID, or the file name is malformed.
+    #[oai(status = 400)]
+    #[allow(dead_code)] // answered by path parsing; listed for the document
+    BadRequest(Json<ErrorBody>),
     /// The job.
     #[oai(status = 200)]
     Ok(Json<JobResponse>),
@@ -194,6 +249,10 @@ enum GetJobResponse {
 
 #[derive(ApiResponse)]
 enum CancelResponse {
+    /// The job id is not a UUID, or the file name is malformed.
+    #[oai(status = 400)]
+    #[allow(dead_code)] // answered by path parsing; listed for the document
+    BadRequest(Json<ErrorBody>),
     /// The job will stop and leave a cancelled row.
     #[oai(status = 202)]
     Accepted(Json<JobAccepted>),
@@ -209,14 +268,26 @@ enum CancelResponse {
     Conflict(Json<ErrorBody>),
 }
 
-#[derive(ApiResponse)]
-enum FileResponse {
+/// A job's output file.
+#[derive(ResponseContent)]
+enum OutputFile {
     /// An image of an image job.
-    #[oai(status = 200, content_type = "image/png")]
+    #[oai(content_type = "image/png")]
     Png(Binary<Vec<u8>>),
     /// The animation of a video job.
-    #[oai(status = 200, content_type = "image/gif")]
+    #[oai(content_type = "image/gif")]
     Gif(Binary<Vec<u8>>),
+}
+
+#[derive(ApiResponse)]
+enum FileResponse {
+    /// The job id is not a UUID, or the file name is malformed.
+    #[oai(status = 400)]
+    #[allow(dead_code)] // answered by path parsing; listed for the document
+    BadRequest(Json<ErrorBody>),
+    /// The file: a PNG image or a GIF animation.
+    #[oai(status = 200)]
+    Ok(OutputFile),
     /// No valid token.
     #[oai(status = 401)]
     #[allow(dead_code)] // answered by the bearer scheme's checker; listed for the document
@@ -239,13 +310,8 @@ impl JobsApi {
         state: Data<&AppState>,
         body: Json<SubmitJobBody>,
     ) -> SubmitResponse {
-        let persona_id = body.0.persona_id.clone();
-        let request = match body.0.into_request() {
-            Ok(request) => request,
-            Err(message) => {
-                return SubmitResponse::BadRequest(ErrorBody::new("bad_request", message));
-            }
-        };
+        let persona_id = body.0.persona_id();
+        let request = body.0.into_request();
         let job = Job {
             id: Uuid::new_v4(),
             user_id: auth.0.sub.clone(),
@@ -350,8 +416,10 @@ impl JobsApi {
         let path = state.output_dir.join(job_id.0.to_string()).join(&name);
         match (safe && owned).then_some(()) {
             Some(()) => match tokio::fs::read(&path).await {
-                Ok(bytes) if content_type(&name) == "image/gif" => FileResponse::Gif(Binary(bytes)),
-                Ok(bytes) => FileResponse::Png(Binary(bytes)),
+                Ok(bytes) if content_type(&name) == "image/gif" => {
+                    FileResponse::Ok(OutputFile::Gif(Binary(bytes)))
+                }
+                Ok(bytes) => FileResponse::Ok(OutputFile::Png(Binary(bytes))),
                 Err(_) => FileResponse::NotFound(ErrorBody::new(
                     "not_found",
                     format!("name: job {} has no file `{name}`", job_id.0),

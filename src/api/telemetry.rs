@@ -53,26 +53,37 @@ pub struct SummaryFigures {
     /// Cancelled rows.
     pub cancelled: i64,
     /// Mean inference time, seconds.
+    #[oai(nullable)]
     pub avg_duration_seconds: Option<f64>,
     /// Shortest inference time, seconds.
+    #[oai(nullable)]
     pub min_duration_seconds: Option<f64>,
     /// Longest inference time, seconds.
+    #[oai(nullable)]
     pub max_duration_seconds: Option<f64>,
     /// Median inference time, seconds.
+    #[oai(nullable)]
     pub p50_duration_seconds: Option<f64>,
     /// 95th percentile of inference time, seconds.
+    #[oai(nullable)]
     pub p95_duration_seconds: Option<f64>,
     /// 99th percentile of inference time, seconds.
+    #[oai(nullable)]
     pub p99_duration_seconds: Option<f64>,
     /// Mean outputs per second.
+    #[oai(nullable)]
     pub avg_throughput: Option<f64>,
     /// Mean peak VRAM, MiB.
+    #[oai(nullable)]
     pub avg_vram_peak_mb: Option<f64>,
     /// Mean VRAM in use at the end, MiB.
+    #[oai(nullable)]
     pub avg_vram_allocated_mb: Option<f64>,
     /// Mean VRAM reserved at the end, MiB.
+    #[oai(nullable)]
     pub avg_vram_reserved_mb: Option<f64>,
     /// Mean queue wait, seconds.
+    #[oai(nullable)]
     pub avg_queue_wait_seconds: Option<f64>,
 }
 

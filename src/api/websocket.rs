@@ -29,6 +29,8 @@ pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
 pub const CLOSE_LAGGED: u16 = 4008;
 /// Interval between pings; a peer that answers none of two is closed.
 pub const HEARTBEAT: Duration = Duration::from_secs(15);
+/// Longest a client's socket may take to accept one message before it counts as lagging.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Query parameters of the upgrade request.
 #[derive(Debug, Deserialize)]
@@ -90,81 +92,118 @@ pub async fn system_channel(
     let expires_in = Duration::from_secs(
         u64::try_from(claims.exp - chrono::Utc::now().timestamp()).unwrap_or(0),
     );
-    let mut shutdown = state.shutdown.clone();
+    let shutdown = state.shutdown.clone();
     let remote = remote.to_string();
+    ws.on_upgrade(move |socket| serve_client(socket, subscription, expires_in, shutdown, remote))
+        .into_response()
+}
 
-    ws.on_upgrade(move |socket| async move {
-        let (mut sink, mut stream) = socket.split();
-        let (backlog, mut receiver) = match subscription {
-            Subscription::Live { backlog, receiver } => (backlog, receiver),
-            Subscription::GapTooLarge { oldest_seq, latest_seq, receiver } => {
-                let reload = json!({
-                    "type": "reload",
-                    "channel": crate::events::SYSTEM_CHANNEL,
-                    "reason": "the events after after_seq are no longer held; reload from the endpoint",
-                    "oldest_seq": oldest_seq,
-                    "latest_seq": latest_seq,
-                });
-                if sink.send(Message::Text(reload.to_string())).await.is_err() {
-                    return;
-                }
-                // Live events continue after the reload notice.
-                (Vec::new(), receiver)
-            }
-        };
-        for event in backlog {
-            if sink.send(Message::Text(event.json.clone())).await.is_err() {
+/// Sends messages to one client until it leaves, lags, its token expires, or the service
+/// stops. Each client has its own task; none waits on another.
+async fn serve_client(
+    socket: WebSocketStream,
+    subscription: Subscription,
+    expires_in: Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    remote: String,
+) {
+    let (sink, mut stream) = socket.split();
+    let mut client = Client { sink, remote };
+    let (backlog, mut receiver) = match subscription {
+        Subscription::Live { backlog, receiver } => (backlog, receiver),
+        Subscription::GapTooLarge {
+            oldest_seq,
+            latest_seq,
+            receiver,
+        } => {
+            let reload = json!({
+                "type": "reload",
+                "channel": crate::events::SYSTEM_CHANNEL,
+                "reason": "the messages after after_seq are no longer held; reload from the endpoint",
+                "oldest_seq": oldest_seq,
+                "latest_seq": latest_seq,
+            });
+            if !client.send(Message::Text(reload.to_string())).await {
                 return;
             }
+            // Live messages continue after the reload notice.
+            (Vec::new(), receiver)
         }
-        let expiry = tokio::time::sleep(expires_in);
-        tokio::pin!(expiry);
-        let mut heartbeat = tokio::time::interval(HEARTBEAT);
-        heartbeat.tick().await;
-        let mut unanswered_pings = 0u32;
-        loop {
-            tokio::select! {
-                received = receiver.recv() => match received {
-                    Ok(event) => {
-                        if sink.send(Message::Text(event.json.clone())).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(RecvError::Lagged(missed)) => {
-                        tracing::warn!(client = %remote, missed, "websocket client lagged; disconnecting");
-                        let _ = sink.send(Message::Close(Some((CloseCode::from(CLOSE_LAGGED), format!("lagged: {missed} events missed; reconnect with after_seq"))))).await;
-                        return;
-                    }
-                    Err(RecvError::Closed) => {
-                        let _ = sink.send(Message::Close(Some((CloseCode::Away, "service stopping".to_owned())))).await;
-                        return;
-                    }
-                },
-                incoming = stream.next() => match incoming {
-                    Some(Ok(Message::Pong(_))) => unanswered_pings = 0,
-                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
-                    Some(Ok(_)) => {}
-                },
-                _ = heartbeat.tick() => {
-                    if unanswered_pings >= 2 {
-                        tracing::debug!(client = %remote, "websocket peer stopped answering pings");
-                        return;
-                    }
-                    unanswered_pings += 1;
-                    if sink.send(Message::Ping(Vec::new())).await.is_err() {
+    };
+    for event in backlog {
+        if !client.send(Message::Text(event.json.clone())).await {
+            return;
+        }
+    }
+
+    let expiry = tokio::time::sleep(expires_in);
+    tokio::pin!(expiry);
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    heartbeat.tick().await;
+    let mut unanswered_pings = 0u32;
+    loop {
+        tokio::select! {
+            received = receiver.recv() => match received {
+                Ok(event) => {
+                    if !client.send(Message::Text(event.json.clone())).await {
                         return;
                     }
                 }
-                _ = &mut expiry => {
-                    let _ = sink.send(Message::Close(Some((CloseCode::from(CLOSE_TOKEN_EXPIRED), "token expired".to_owned())))).await;
+                Err(RecvError::Lagged(missed)) => {
+                    let reason = format!("lagged: {missed} messages missed; reconnect with after_seq");
+                    return client.lagged(&reason).await;
+                }
+                Err(RecvError::Closed) => return client.close(CloseCode::Away, "service stopping").await,
+            },
+            incoming = stream.next() => match incoming {
+                Some(Ok(Message::Pong(_))) => unanswered_pings = 0,
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            },
+            _ = heartbeat.tick() => {
+                if unanswered_pings >= 2 {
+                    tracing::debug!(client = %client.remote, "websocket peer stopped answering pings");
                     return;
                 }
-                _ = shutdown.changed() => {
-                    let _ = sink.send(Message::Close(Some((CloseCode::Away, "service stopping".to_owned())))).await;
+                unanswered_pings += 1;
+                if !client.send(Message::Ping(Vec::new())).await {
                     return;
                 }
             }
+            _ = &mut expiry => {
+                return client.close(CloseCode::from(CLOSE_TOKEN_EXPIRED), "token expired").await;
+            }
+            _ = shutdown.changed() => return client.close(CloseCode::Away, "service stopping").await,
         }
-    })
-    .into_response()
+    }
+}
+
+type WebSocketStream = poem::web::websocket::WebSocketStream;
+
+struct Client {
+    sink: futures_util::stream::SplitSink<WebSocketStream, Message>,
+    remote: String,
+}
+
+impl Client {
+    /// Sends a message; a client whose socket takes it in no time is treated as lagging.
+    async fn send(&mut self, message: Message) -> bool {
+        match tokio::time::timeout(SEND_TIMEOUT, self.sink.send(message)).await {
+            Ok(sent) => sent.is_ok(),
+            Err(_) => {
+                self.lagged("lagged: the client stopped reading").await;
+                false
+            }
+        }
+    }
+
+    async fn lagged(&mut self, reason: &str) {
+        tracing::warn!(client = %self.remote, reason, "websocket client lagged; disconnecting");
+        self.close(CloseCode::from(CLOSE_LAGGED), reason).await;
+    }
+
+    async fn close(&mut self, code: CloseCode, reason: &str) {
+        let close = Message::Close(Some((code, reason.to_owned())));
+        let _ = tokio::time::timeout(SEND_TIMEOUT, self.sink.send(close)).await;
+    }
 }

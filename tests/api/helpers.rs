@@ -27,6 +27,7 @@ pub struct TestApp {
     pub client: reqwest::Client,
     pub data_dir: PathBuf,
     pub database_url: Option<String>,
+    pub runtime: seidra::actors::Runtime,
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     _temp: TempDir,
@@ -39,6 +40,9 @@ pub struct AppOptions {
     pub recent_size: usize,
     pub client_queue: usize,
     pub max_pending_jobs: usize,
+    /// A database to share with another app; a fresh one when unset.
+    pub database_url: Option<String>,
+    pub host_name: String,
 }
 
 impl Default for AppOptions {
@@ -49,6 +53,8 @@ impl Default for AppOptions {
             recent_size: 50,
             client_queue: 1024,
             max_pending_jobs: 10_000,
+            database_url: None,
+            host_name: "test-host".to_owned(),
         }
     }
 }
@@ -64,14 +70,17 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
         seidra::logging::init(LogFormat::Text);
     }
     let temp = tempfile::tempdir().expect("a temporary directory");
-    let database_url = fresh_database().await;
+    let database_url = match options.database_url {
+        Some(url) => Some(url),
+        None => fresh_database().await,
+    };
     let settings = Settings {
         data_dir: temp.path().to_path_buf(),
         database_url: database_url.clone(),
         listen_host: "127.0.0.1".to_owned(),
         port: 0,
         devices: options.devices.join(","),
-        host_name: Some("test-host".to_owned()),
+        host_name: Some(options.host_name),
         jwt_secret: Some("test-secret-for-integration-tests".to_owned().into()),
         recent_size: options.recent_size,
         client_queue: options.client_queue,
@@ -80,7 +89,7 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
         log_format: LogFormat::Text,
         migrate: true,
         metrics_address: None,
-        retention_days: 30,
+        retention_days: 0,
         max_pending_jobs: options.max_pending_jobs,
     };
     let factory = options.factory.unwrap_or_else(|| devices::factory(None));
@@ -90,6 +99,7 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
     let address = app.address();
     let keys = app.keys();
     let db = app.db();
+    let runtime = app.runtime();
     let (stop, stopped) = oneshot::channel();
     let server = tokio::spawn(app.run_until(async move {
         let _ = stopped.await;
@@ -106,6 +116,7 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
         client: reqwest::Client::new(),
         data_dir: temp.path().to_path_buf(),
         database_url,
+        runtime,
         stop: Some(stop),
         server: Some(server),
         _temp: temp,
@@ -113,7 +124,7 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
 }
 
 /// A fresh PostgreSQL database when `SEIDRA_TEST_POSTGRES_URL` is set, else `None` (SQLite).
-async fn fresh_database() -> Option<String> {
+pub async fn fresh_database() -> Option<String> {
     let server = std::env::var("SEIDRA_TEST_POSTGRES_URL").ok()?;
     let name = format!("seidra_test_{}", uuid::Uuid::new_v4().simple());
     let admin = Database::connect(format!("{server}/postgres"))

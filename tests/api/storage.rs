@@ -75,3 +75,99 @@ async fn the_procedures_analysis_and_purge_queries_work_verbatim() {
     );
     app.stop().await;
 }
+
+fn metric(n: usize) -> seidra::actors::NewMetric {
+    seidra::actors::NewMetric {
+        job_id: format!("writer-job-{n}"),
+        user_id: "writer".into(),
+        persona_id: None,
+        media_type: "image".into(),
+        model_name: "seidra-tiny-diffusion".into(),
+        prompt: "concurrent".into(),
+        outputs: 1,
+        duration_seconds: 1.0,
+        throughput: Some(1.0),
+        vram_allocated_mb: None,
+        vram_reserved_mb: None,
+        vram_peak_mb: None,
+        vram_delta_mb: None,
+        extra: serde_json::json!({}),
+        status: seidra::generation::JobStatus::Succeeded,
+        device: "cpu".into(),
+        queue_wait_seconds: 0.0,
+        host: "test-host".into(),
+    }
+}
+
+#[tokio::test]
+async fn a_purge_running_while_50_writers_insert_loses_no_row_inside_the_window() {
+    let app = spawn_app().await;
+    let backend = app.db.get_database_backend();
+    let old = if app.on_postgres() {
+        "now() - interval '40 days'"
+    } else {
+        "strftime('%Y-%m-%d %H:%M:%f', 'now', '-40 days')"
+    };
+    for _ in 0..3000 {
+        app.db
+            .execute_raw(Statement::from_string(
+                backend,
+                format!(
+                    "INSERT INTO generation_metrics (job_id, user_id, media_type, model_name, prompt, outputs, \
+                     duration_seconds, extra, created_at, status, device, queue_wait_seconds, host) \
+                     VALUES ('old', 'u', 'image', 'm', 'p', 1, 1.0, '{{}}', {old}, 'succeeded', 'cpu', 0, 'h')"
+                ),
+            ))
+            .await
+            .unwrap();
+    }
+
+    let mut writers = Vec::new();
+    for writer in 0..50 {
+        let actor = app.runtime.writer.clone();
+        writers.push(tokio::spawn(async move {
+            for n in 0..40 {
+                let row = Box::new(metric(writer * 1000 + n));
+                actor
+                    .call(
+                        |reply| seidra::actors::TelemetryWriterMessage::Append(row, reply),
+                        None,
+                    )
+                    .await
+                    .unwrap()
+                    .success_or_else(|| "the writer did not answer")
+                    .unwrap();
+            }
+        }));
+    }
+    let cutoff = chrono::Utc::now() - chrono::Duration::days(30);
+    let removed = seidra::storage::retention::purge_older_than(&app.db, cutoff, 100)
+        .await
+        .unwrap();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+
+    assert_eq!(removed, 3000);
+    let count = |condition: &'static str| {
+        let db = app.db.clone();
+        async move {
+            db.query_one_raw(Statement::from_string(
+                backend,
+                format!("SELECT COUNT(*) AS n FROM generation_metrics WHERE {condition}"),
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get::<i64>("", "n")
+            .unwrap()
+        }
+    };
+    assert_eq!(count("job_id = 'old'").await, 0);
+    assert_eq!(
+        count("user_id = 'writer'").await,
+        2000,
+        "every row inside the window is kept"
+    );
+    app.stop().await;
+}

@@ -1,0 +1,572 @@
+//! The channel `system` under load and at its edges: many clients each getting every message,
+//! a client that stops reading, catching up after a reconnect, tokens, and shutdown.
+//!
+//! Messages are published straight into the service's real BroadcastActor through
+//! `app.runtime.broadcast`, so a test controls how many there are and when they come; the path
+//! from the actor to the socket is the one real jobs take.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use seidra::actors::BroadcastMessage;
+use seidra::api::auth::{AuthKeys, Role};
+use seidra::events::{EventType, JobEvent};
+use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{WebSocketStream, connect_async};
+
+use crate::helpers::{AppOptions, TestApp, spawn_app_with};
+
+/// A client of the channel.
+pub type Socket = WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// How long any one wait for a condition may take before the test fails.
+const DEADLINE: Duration = Duration::from_secs(120);
+
+/// `job_id` of the message that tells readers a burst is over.
+const END: &str = "end";
+
+/// Connects to the channel with `token` and an extra query string (`&after_seq=3`).
+pub async fn connect_with(app: &TestApp, token: &str, query: &str) -> Socket {
+    let url = format!("{}?token={token}{query}", app.ws_url);
+    connect_async(url).await.expect("the upgrade succeeds").0
+}
+
+/// The next text message as JSON; pings are answered by the client library and skipped.
+pub async fn next_json<S>(socket: &mut WebSocketStream<S>) -> Value
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    loop {
+        match next_frame(socket).await {
+            Some(Ok(Message::Text(text))) => return serde_json::from_str(&text).unwrap(),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            other => panic!("a text message was due, got {other:?}"),
+        }
+    }
+}
+
+/// The next frame, whatever it is; fails the test if none comes before the deadline.
+async fn next_frame<S>(
+    socket: &mut WebSocketStream<S>,
+) -> Option<Result<Message, tungstenite::Error>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    tokio::time::timeout(DEADLINE, socket.next())
+        .await
+        .expect("a frame or the end of the stream in time")
+}
+
+/// The close frame that ends the connection, skipping the messages before it.
+async fn closing_frame(socket: &mut Socket) -> CloseFrame {
+    loop {
+        match next_frame(socket).await {
+            Some(Ok(Message::Close(Some(frame)))) => return frame,
+            Some(Ok(Message::Close(None))) => panic!("a close frame without a code"),
+            Some(Ok(_)) => {}
+            other => panic!("the server ended without a close frame: {other:?}"),
+        }
+    }
+}
+
+/// A `job.progress` message numbered by `step`, with `padding` bytes of filler.
+fn progress(job_id: &str, step: u32, padding: usize) -> BroadcastMessage {
+    let event = JobEvent {
+        job_id: job_id.to_owned(),
+        user_id: "operator-1".to_owned(),
+        media_type: "image".to_owned(),
+        model_name: "seidra-tiny-diffusion".to_owned(),
+        device: Some("cpu".to_owned()),
+        step: Some(step),
+        steps: Some(u32::MAX),
+        frames_done: None,
+        frames: None,
+        metric_id: None,
+        // The channel carries any JobEvent; a long `error` makes a message big without
+        // changing its shape.
+        error: (padding > 0).then(|| "x".repeat(padding)),
+    };
+    BroadcastMessage::PublishJob(EventType::JobProgress, Box::new(event))
+}
+
+fn publish(app: &TestApp, message: BroadcastMessage) {
+    app.runtime
+        .broadcast
+        .cast(message)
+        .expect("the broadcast actor runs");
+}
+
+/// Publishes `count` numbered messages (steps `first..first + count`).
+fn publish_burst(app: &TestApp, first: u32, count: u32, padding: usize) {
+    for step in first..first + count {
+        publish(app, progress("burst", step, padding));
+    }
+}
+
+/// The number after `"name":` in a message's text. Readers of big messages use it instead of
+/// parsing the whole message, so that the test spends its time in the service, not in JSON.
+fn field_u64(text: &str, name: &str) -> Option<u64> {
+    let key = format!("\"{name}\":");
+    let start = text.rfind(&key)? + key.len();
+    let digits: String = text[start..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+/// What one reader got: `(seq, step)` of every message, in order of arrival.
+type Received = Vec<(u64, u64)>;
+
+/// Reads until the `END` message; counts what it received in `count` as it goes.
+async fn read_until_end<S>(mut socket: WebSocketStream<S>, count: Arc<AtomicU64>) -> Received
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut received = Vec::new();
+    loop {
+        let text = match next_frame(&mut socket).await {
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => panic!("reader {} ended early: {other:?}", received.len()),
+        };
+        if text.contains(&format!("\"job_id\":\"{END}\"")) {
+            return received;
+        }
+        let seq = field_u64(&text, "seq").expect("a seq");
+        let step = field_u64(&text, "step").expect("a step");
+        received.push((seq, step));
+        count.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Fails unless `received` holds steps `0..expected` on consecutive seqs; answers the first.
+fn assert_complete(received: &Received, expected: u64, who: &str) -> u64 {
+    let steps: Vec<u64> = received.iter().map(|&(_, step)| step).collect();
+    assert!(
+        steps.iter().copied().eq(0..expected),
+        "{who}: got {} messages, expected steps 0..{expected} in order",
+        steps.len()
+    );
+    let first = received[0].0;
+    let seqs = received.iter().map(|&(seq, _)| seq);
+    assert!(
+        seqs.eq(first..first + expected),
+        "{who}: seqs are not consecutive"
+    );
+    first
+}
+
+/// Waits until every counter reaches `target`.
+async fn wait_for_counts(counts: &[Arc<AtomicU64>], target: u64, what: &str) {
+    let deadline = Instant::now() + DEADLINE;
+    while counts
+        .iter()
+        .any(|count| count.load(Ordering::Relaxed) < target)
+    {
+        let behind = counts
+            .iter()
+            .filter(|count| count.load(Ordering::Relaxed) < target)
+            .count();
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {behind} readers short of {target}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_clients_each_receive_every_message_of_a_burst_in_order() {
+    const CLIENTS: usize = 200;
+    const BURST: u32 = 1000;
+    let app = spawn_app_with(AppOptions {
+        client_queue: 2048,
+        ..AppOptions::default()
+    })
+    .await;
+
+    // A client is subscribed once its upgrade has been answered.
+    let sockets: Vec<Socket> = futures_util::stream::iter(0..CLIENTS)
+        .map(|_| connect_with(&app, &app.token, ""))
+        .buffer_unordered(20)
+        .collect()
+        .await;
+    let readers: Vec<_> = sockets
+        .into_iter()
+        .map(|socket| tokio::spawn(read_until_end(socket, Arc::default())))
+        .collect();
+
+    publish_burst(&app, 0, BURST, 0);
+    publish(&app, progress(END, 0, 0));
+
+    let mut firsts = Vec::new();
+    for (index, reader) in readers.into_iter().enumerate() {
+        let received = tokio::time::timeout(DEADLINE, reader)
+            .await
+            .expect("every reader gets the burst in time")
+            .expect("the reader does not panic");
+        firsts.push(assert_complete(
+            &received,
+            u64::from(BURST),
+            &format!("client {index}"),
+        ));
+    }
+    firsts.dedup();
+    assert_eq!(firsts.len(), 1, "every client saw the same seqs");
+    app.stop().await;
+}
+
+/// The server's end of the TCP connection from `client_port` to `server_port`, from
+/// `/proc/net/tcp`: its state (1 is ESTABLISHED) and the bytes written to it that the client
+/// has not acknowledged. `None` once the kernel has forgotten it.
+fn server_end(server_port: u16, client_port: u16) -> Option<(u8, u64)> {
+    let port = |address: &str| {
+        let hex = address.rsplit(':').next()?;
+        u16::from_str_radix(hex, 16).ok()
+    };
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp (Linux)");
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if port(fields[1])? != server_port || port(fields[2])? != client_port {
+            return None;
+        }
+        let state = u8::from_str_radix(fields[3], 16).ok()?;
+        let unacknowledged = u64::from_str_radix(fields[4].split(':').next()?, 16).ok()?;
+        Some((state, unacknowledged))
+    })
+}
+
+const TCP_ESTABLISHED: u8 = 1;
+
+/// Whether the last two readings of a socket's unacknowledged bytes are equal and not zero.
+fn stopped_growing(readings: &[u64]) -> bool {
+    matches!(readings, [.., before, last] if before == last && *last > 0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_disconnected_and_the_others_miss_nothing() {
+    const READERS: usize = 50;
+    const QUEUE: u32 = 64;
+    // Big messages fill the stalled client's socket buffers in a few hundred messages.
+    const PADDING: usize = 16 * 1024;
+    // Published between two checks that every reader is up to date: half the queue, so a
+    // reader that keeps reading never lags.
+    const CHUNK: u32 = QUEUE / 2;
+    let app = spawn_app_with(AppOptions {
+        client_queue: QUEUE as usize,
+        ..AppOptions::default()
+    })
+    .await;
+    let server_port: u16 = app.base_url.rsplit(':').next().unwrap().parse().unwrap();
+
+    // The stalled client: a small receive buffer, fixed so that the kernel does not grow it,
+    // and nobody reading it.
+    let tcp = tokio::net::TcpSocket::new_v4().unwrap();
+    tcp.set_recv_buffer_size(4096).unwrap();
+    let tcp = tcp
+        .connect(format!("127.0.0.1:{server_port}").parse().unwrap())
+        .await
+        .unwrap();
+    let stalled_port = tcp.local_addr().unwrap().port();
+    let request = format!("{}?token={}", app.ws_url, app.token)
+        .into_client_request()
+        .unwrap();
+    let (mut stalled, _) = tokio_tungstenite::client_async(request, tcp)
+        .await
+        .expect("the upgrade succeeds");
+
+    let counts: Vec<Arc<AtomicU64>> = (0..READERS).map(|_| Arc::default()).collect();
+    let mut readers = Vec::new();
+    for count in &counts {
+        let socket = connect_with(&app, &app.token, "").await;
+        readers.push(tokio::spawn(read_until_end(socket, Arc::clone(count))));
+    }
+
+    // Until the server's end of the stalled connection holds all the kernel lets it and the
+    // task serving it is stuck in a send: its unacknowledged bytes stop growing.
+    let mut published = 0;
+    let mut unacknowledged = Vec::new();
+    while !stopped_growing(&unacknowledged) {
+        assert!(
+            published < 4096,
+            "the stalled socket never filled: {unacknowledged:?}"
+        );
+        publish_burst(&app, published, CHUNK, PADDING);
+        published += CHUNK;
+        wait_for_counts(&counts, u64::from(published), "filling the stalled socket").await;
+        let (state, bytes) =
+            server_end(server_port, stalled_port).expect("the stalled connection is open");
+        assert_eq!(state, TCP_ESTABLISHED);
+        unacknowledged.push(bytes);
+    }
+
+    // More than the stalled client's queue holds, while its task waits on the socket: the
+    // readers get all of it and the stalled client is still connected when they have, so
+    // nothing the readers got waited for the stalled client to be dropped.
+    for _ in 0..3 {
+        publish_burst(&app, published, CHUNK, PADDING);
+        published += CHUNK;
+        wait_for_counts(&counts, u64::from(published), "beside the stalled client").await;
+    }
+    assert_eq!(
+        server_end(server_port, stalled_port).map(|(state, _)| state),
+        Some(TCP_ESTABLISHED),
+        "the stalled client was still being waited on when the readers had everything"
+    );
+    publish(&app, progress(END, 0, 0));
+    for (index, reader) in readers.into_iter().enumerate() {
+        let received = reader.await.expect("the reader does not panic");
+        assert_complete(&received, u64::from(published), &format!("reader {index}"));
+    }
+
+    // The server gives up on the stalled client: its end leaves ESTABLISHED (FIN_WAIT1 with
+    // the unsent bytes, then gone).
+    let deadline = Instant::now() + DEADLINE;
+    while server_end(server_port, stalled_port).map(|(state, _)| state) == Some(TCP_ESTABLISHED) {
+        assert!(
+            Instant::now() < deadline,
+            "the stalled client was never disconnected"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Reading now, the stalled client finds an unbroken prefix of the messages, then a close
+    // with 4008 or the end of the connection.
+    let mut seqs = Vec::new();
+    let ending = loop {
+        match next_frame(&mut stalled).await {
+            Some(Ok(Message::Text(text))) => {
+                if let Some(seq) = field_u64(&text, "seq") {
+                    seqs.push(seq);
+                }
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            other => break other,
+        }
+    };
+    eprintln!(
+        "DEBUG published {published} unacked {unacknowledged:?} stalled got {} ending {ending:?}",
+        seqs.len()
+    );
+    match &ending {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 4008),
+        Some(Ok(message)) => panic!("unexpected message {message:?}"),
+        // The close frame could not be written either: the connection was dropped.
+        None | Some(Err(_)) => {}
+    }
+    assert!(
+        (seqs.len() as u64) < u64::from(published),
+        "the stalled client got only part of the messages, got {}",
+        seqs.len()
+    );
+    if let Some(&first) = seqs.first() {
+        assert!(
+            seqs.iter().copied().eq(first..first + seqs.len() as u64),
+            "what the stalled client got has no gap"
+        );
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_reconnecting_client_gets_exactly_what_it_missed_or_a_reload_notice() {
+    const QUEUE: u32 = 16;
+    let app = spawn_app_with(AppOptions {
+        client_queue: QUEUE as usize,
+        ..AppOptions::default()
+    })
+    .await;
+    // More than the channel holds, so that the oldest messages have fallen out.
+    for step in 0..2 * QUEUE {
+        publish(&app, progress("before", step, 0));
+    }
+    let mut socket = connect_with(&app, &app.token, "").await;
+    publish_burst(&app, 0, 10, 0);
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        seen.push(next_json(&mut socket).await);
+    }
+    socket.close(None).await.unwrap();
+    let last_seen = seen[3]["seq"].as_u64().unwrap();
+
+    // Missed: steps 4..10 from before the client left, then 10..15 while it was away.
+    publish_burst(&app, 10, 5, 0);
+    let mut socket = connect_with(&app, &app.token, &format!("&after_seq={last_seen}")).await;
+    for (offset, step) in (4..15).enumerate() {
+        let event = next_json(&mut socket).await;
+        assert_eq!(
+            event["seq"].as_u64().unwrap(),
+            last_seen + 1 + offset as u64
+        );
+        assert_eq!(event["data"]["step"], step);
+    }
+    // Nothing more than what was missed, then the live messages.
+    publish(&app, progress("live", 15, 0));
+    let live = next_json(&mut socket).await;
+    assert_eq!(
+        live["data"]["job_id"], "live",
+        "no duplicate after the backlog"
+    );
+    let latest = live["seq"].as_u64().unwrap();
+
+    // Caught up exactly: nothing to replay.
+    let mut current = connect_with(&app, &app.token, &format!("&after_seq={latest}")).await;
+    // The oldest still held: everything held is replayed.
+    let oldest = latest + 1 - u64::from(QUEUE);
+    let mut edge = connect_with(&app, &app.token, &format!("&after_seq={}", oldest - 1)).await;
+    // One further back than what is held: reload.
+    let mut stale = connect_with(&app, &app.token, &format!("&after_seq={}", oldest - 2)).await;
+    // Ahead of the channel (a client of an earlier run of the service): reload.
+    let mut ahead = connect_with(&app, &app.token, &format!("&after_seq={}", latest + 5)).await;
+    publish(&app, progress("after", 16, 0));
+
+    assert_eq!(next_json(&mut current).await["data"]["job_id"], "after");
+
+    for seq in oldest..=latest {
+        assert_eq!(next_json(&mut edge).await["seq"], seq);
+    }
+    assert_eq!(next_json(&mut edge).await["data"]["job_id"], "after");
+
+    for socket in [&mut stale, &mut ahead] {
+        let notice = next_json(socket).await;
+        assert_eq!(notice["type"], "reload");
+        assert_eq!(notice["channel"], "system");
+        assert_eq!(notice["oldest_seq"], oldest);
+        assert_eq!(notice["latest_seq"], latest);
+        assert!(
+            notice["reason"]
+                .as_str()
+                .is_some_and(|reason| !reason.is_empty())
+        );
+        let next = next_json(socket).await;
+        assert_eq!(
+            next["data"]["job_id"], "after",
+            "live messages follow the notice"
+        );
+        assert_eq!(next["seq"], latest + 1);
+    }
+    app.stop().await;
+}
+
+/// The status and JSON body of a refused upgrade.
+async fn refused(request: tungstenite::handshake::client::Request) -> (u16, Value) {
+    let error = connect_async(request).await.expect_err("refused");
+    let tungstenite::Error::Http(response) = error else {
+        panic!("refused before the upgrade, got {error:?}");
+    };
+    let body = response.body().as_deref().unwrap_or_default();
+    (
+        response.status().as_u16(),
+        serde_json::from_slice(body).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn bad_missing_and_expired_tokens_are_refused_before_the_upgrade() {
+    let app = spawn_app_with(AppOptions::default()).await;
+    let expired = app
+        .keys
+        .mint("operator-1", Role::Operator, chrono::Duration::seconds(-1))
+        .unwrap();
+    let foreign = AuthKeys::new(&secrecy::SecretString::from("another service's secret"))
+        .unwrap()
+        .mint("operator-1", Role::Operator, chrono::Duration::hours(1))
+        .unwrap();
+    let cases = [
+        ("missing", app.ws_url.clone(), "bearer token"),
+        (
+            "garbage",
+            format!("{}?token=garbage", app.ws_url),
+            "malformed",
+        ),
+        (
+            "signed elsewhere",
+            format!("{}?token={foreign}", app.ws_url),
+            "signature",
+        ),
+        (
+            "expired",
+            format!("{}?token={expired}", app.ws_url),
+            "expired",
+        ),
+    ];
+    for (case, url, reason) in cases {
+        let (status, body) = refused(url.into_client_request().unwrap()).await;
+        assert_eq!(status, 401, "{case}");
+        assert_eq!(body["error"], "unauthorized", "{case}: {body}");
+        assert!(
+            body["message"]
+                .as_str()
+                .is_some_and(|message| message.contains(reason)),
+            "{case}: {body}"
+        );
+    }
+
+    let mut request = app.ws_url.clone().into_client_request().unwrap();
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {expired}").parse().unwrap(),
+    );
+    assert_eq!(refused(request).await.0, 401, "expired, in the header");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_token_that_expires_while_connected_ends_the_connection_with_4001() {
+    let app = spawn_app_with(AppOptions::default()).await;
+    let token = app
+        .keys
+        .mint("operator-1", Role::Operator, chrono::Duration::seconds(2))
+        .unwrap();
+    let mut socket = connect_with(&app, &token, "").await;
+    publish(&app, progress("before expiry", 0, 0));
+    assert_eq!(
+        next_json(&mut socket).await["data"]["job_id"],
+        "before expiry"
+    );
+
+    let frame = closing_frame(&mut socket).await;
+    assert_eq!(u16::from(frame.code), 4001, "{frame:?}");
+    assert!(
+        matches!(
+            next_frame(&mut socket).await,
+            None | Some(Ok(Message::Close(_)))
+        ),
+        "the connection ends after the close"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_connected_client_gets_going_away_when_the_service_stops() {
+    let app = spawn_app_with(AppOptions::default()).await;
+    let mut socket = connect_with(&app, &app.token, "").await;
+    publish(&app, progress("before stop", 0, 0));
+    assert_eq!(
+        next_json(&mut socket).await["data"]["job_id"],
+        "before stop"
+    );
+
+    let client = tokio::spawn(async move {
+        let frame = closing_frame(&mut socket).await;
+        // The client library answers the close; after it the stream ends cleanly, not with
+        // a reset.
+        let after = next_frame(&mut socket).await;
+        (frame, after)
+    });
+    app.stop().await;
+    let (frame, after) = client.await.unwrap();
+    assert_eq!(u16::from(frame.code), 1001, "{frame:?}");
+    assert!(
+        matches!(after, None | Some(Ok(Message::Close(_)))),
+        "a clean end after the close frame, got {after:?}"
+    );
+}

@@ -1,0 +1,242 @@
+//! Several hosts on one PostgreSQL database, and what survives a crash.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::Value;
+use tokio_tungstenite::connect_async;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::helpers::{AppOptions, fresh_database, small_image, spawn_app_with};
+
+#[tokio::test]
+async fn two_instances_on_one_database_see_each_others_rows_and_events() {
+    let Some(shared) = fresh_database().await else {
+        // Needs SEIDRA_TEST_POSTGRES_URL: several hosts share a PostgreSQL database.
+        return;
+    };
+    let a = spawn_app_with(AppOptions {
+        database_url: Some(shared.clone()),
+        host_name: "host-a".to_owned(),
+        ..AppOptions::default()
+    })
+    .await;
+    let b = spawn_app_with(AppOptions {
+        database_url: Some(shared),
+        host_name: "host-b".to_owned(),
+        ..AppOptions::default()
+    })
+    .await;
+    let (mut on_b, _) = connect_async(format!("{}?token={}", b.ws_url, b.token))
+        .await
+        .unwrap();
+    let (mut on_a, _) = connect_async(format!("{}?token={}", a.ws_url, a.token))
+        .await
+        .unwrap();
+
+    let from_a = a.submit(small_image(1)).await;
+    let from_b = b.submit(small_image(2)).await;
+    a.wait_for_job(&from_a).await;
+    b.wait_for_job(&from_b).await;
+
+    for (socket, other_job, other_host) in [
+        (&mut on_b, &from_a, "host-a"),
+        (&mut on_a, &from_b, "host-b"),
+    ] {
+        let event = loop {
+            let message = tokio::time::timeout(Duration::from_secs(30), socket.next())
+                .await
+                .expect("the other host's row arrives")
+                .unwrap()
+                .unwrap();
+            let Message::Text(text) = message else {
+                continue;
+            };
+            let event: Value = serde_json::from_str(&text).unwrap();
+            if event["type"] == "telemetry.generation"
+                && event["data"]["job_id"] == other_job.as_str()
+            {
+                break event;
+            }
+        };
+        assert_eq!(event["data"]["host"], other_host);
+    }
+    for app in [&a, &b] {
+        let answer = app.telemetry("").await;
+        let mut hosts: Vec<&str> = answer["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|item| item["host"].as_str().unwrap())
+            .collect();
+        hosts.sort();
+        assert_eq!(hosts, ["host-a", "host-b"]);
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+struct Service {
+    child: Child,
+    base_url: String,
+}
+
+fn start_service(data_dir: &std::path::Path, port: u16) -> Service {
+    let child = Command::new(env!("CARGO_BIN_EXE_seidra"))
+        .args(["serve", "--devices", "cpu", "--port", &port.to_string()])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("SEIDRA_JWT_SECRET", "crash-test-secret")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the binary starts");
+    Service {
+        child,
+        base_url: format!("http://127.0.0.1:{port}"),
+    }
+}
+
+async fn wait_until_up(client: &reqwest::Client, service: &Service) {
+    for _ in 0..600 {
+        if client
+            .get(format!("{}/health", service.base_url))
+            .send()
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the service did not come up");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn after_kill_9_the_database_is_sound_and_every_finished_job_has_its_row() {
+    if fresh_database().await.is_some() {
+        // This test is about the embedded SQLite file.
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let token = {
+        let keys =
+            seidra::api::auth::AuthKeys::new(&"crash-test-secret".to_owned().into()).unwrap();
+        keys.mint(
+            "crash",
+            seidra::api::auth::Role::Operator,
+            chrono::Duration::hours(1),
+        )
+        .unwrap()
+    };
+    let client = reqwest::Client::new();
+    let mut service = start_service(data.path(), port);
+    wait_until_up(&client, &service).await;
+
+    let mut ids = Vec::new();
+    for seed in 0..12 {
+        let accepted: Value = client
+            .post(format!("{}/api/jobs", service.base_url))
+            .bearer_auth(&token)
+            .json(&small_image(seed))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        ids.push(accepted["job_id"].as_str().unwrap().to_owned());
+    }
+    // Kill the service once some jobs are reported finished and others are not.
+    let mut finished = Vec::new();
+    while finished.len() < 3 {
+        finished.clear();
+        for id in &ids {
+            let job: Value = client
+                .get(format!("{}/api/jobs/{id}", service.base_url))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if job["status"] == "succeeded" {
+                finished.push(id.clone());
+            }
+        }
+    }
+    service.child.kill().unwrap();
+    service.child.wait().unwrap();
+    assert!(
+        finished.len() < ids.len(),
+        "the kill came in the middle of the burst"
+    );
+
+    let database = data.path().join("seidra.db");
+    let check = Command::new("sqlite3")
+        .arg(&database)
+        .arg("PRAGMA integrity_check;")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&check.stdout).trim(), "ok");
+
+    let mut restarted = start_service(data.path(), port);
+    wait_until_up(&client, &restarted).await;
+    let answer: Value = client
+        .get(format!(
+            "{}/api/system/telemetry/generation?limit=1000",
+            restarted.base_url
+        ))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rows: Vec<&Value> = answer["items"].as_array().unwrap().iter().collect();
+    for id in &finished {
+        let row = rows.iter().find(|row| row["job_id"] == id.as_str());
+        assert_eq!(
+            row.expect("a finished job has its row")["status"],
+            "succeeded"
+        );
+    }
+    // Jobs the kill interrupted are recorded as failed at restart: every accepted job has a row.
+    for id in &ids {
+        let mut row = None;
+        for _ in 0..200 {
+            let job: Value = client
+                .get(format!("{}/api/jobs/{id}", restarted.base_url))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if !job["metrics"].is_null() {
+                row = Some(job["metrics"].clone());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let row = row.unwrap_or_else(|| panic!("job {id} has a row after the restart"));
+        if !finished.contains(id) && row["status"] == "failed" {
+            assert_eq!(row["extra"]["error"]["kind"], "interrupted");
+        }
+    }
+    restarted.child.kill().unwrap();
+    restarted.child.wait().unwrap();
+}
