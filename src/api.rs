@@ -1,6 +1,7 @@
 //! The HTTP and WebSocket interface, with poem-openapi: job submission and status, the
 //! telemetry endpoint, the channel `system`, and the OpenAPI document they are described by.
 
+pub mod allow;
 pub mod auth;
 pub mod errors;
 pub mod jobs;

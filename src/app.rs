@@ -3,17 +3,20 @@
 //! stop the runtime, which flushes the writer).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use poem::http::{HeaderValue, StatusCode, header};
 use poem::listener::{Acceptor, Listener, TcpListener};
 use poem::middleware::Tracing;
-use poem::{EndpointExt, Route, Server, get};
+use poem::{Endpoint, EndpointExt, Route, Server, get};
 use sea_orm::DatabaseConnection;
 use tokio::sync::watch;
 
 use crate::actors::supervisor::SupervisorMessage;
 use crate::actors::{Runtime, RuntimeFactory, RuntimeSettings, RuntimeSupervisor};
+use crate::api::allow::AllowedMethods;
 use crate::api::auth::{AuthKeys, load_or_create_secret};
 use crate::api::errors::to_json_error;
 use crate::api::{AppState, metrics, openapi_service, websocket};
@@ -143,6 +146,7 @@ impl Application {
     ) -> anyhow::Result<()> {
         let public_url = format!("http://{}", self.address);
         let api = openapi_service(&public_url);
+        let allowed = Arc::new(AllowedMethods::from_spec(&api.spec()));
         let docs = api.swagger_ui();
         let spec_json = api.spec_endpoint();
         let spec_yaml = api.spec_endpoint_yaml();
@@ -176,7 +180,21 @@ impl Application {
             .at("/health", get(health))
             .data(self.state.clone())
             .with(Tracing)
-            .catch_all_error(to_json_error);
+            .catch_all_error(to_json_error)
+            .around(move |endpoint, request| {
+                let allowed = Arc::clone(&allowed);
+                async move {
+                    let path = request.uri().path().to_owned();
+                    let mut response = endpoint.call(request).await?;
+                    if response.status() == StatusCode::METHOD_NOT_ALLOWED
+                        && let Some(methods) = allowed.allow(&path)
+                        && let Ok(value) = HeaderValue::from_str(methods)
+                    {
+                        response.headers_mut().insert(header::ALLOW, value);
+                    }
+                    Ok(response)
+                }
+            });
 
         tracing::info!(address = %public_url, "listening");
         let shutdown = self.shutdown;

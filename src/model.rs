@@ -30,6 +30,22 @@ pub enum GenerationError {
 }
 
 impl GenerationError {
+    /// A device's error message as an error of the right kind: out-of-memory when the device
+    /// says so, a model error otherwise.
+    // FIXME: cubecl reports allocation failures as text (or panics); the kind is read from the
+    // message, so a reworded message would be recorded as `model_error`.
+    pub fn from_device_message(message: String) -> Self {
+        let lower = message.to_lowercase();
+        if lower.contains("out of memory")
+            || lower.contains("outofmemory")
+            || lower.contains("can't allocate")
+        {
+            GenerationError::OutOfMemory(message)
+        } else {
+            GenerationError::Model(message)
+        }
+    }
+
     /// The error's kind, stored in `extra.error.kind`.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -170,6 +170,8 @@ struct ClientStats {
     latencies_us: Mutex<Vec<u32>>,
     /// When the latest message came, as microseconds since the driver started.
     last_receipt_us: AtomicU64,
+    /// `emitted_at` of every message in microseconds since the epoch, when asked for.
+    emissions_us: Option<Mutex<Vec<i64>>>,
 }
 
 /// Reads the channel until `stop` changes or the server closes; records into `stats`.
@@ -206,6 +208,12 @@ async fn run_client(
                     .lock()
                     .unwrap()
                     .push(u32::try_from(latency).unwrap_or(u32::MAX));
+                if let Some(emissions) = &stats.emissions_us {
+                    emissions
+                        .lock()
+                        .unwrap()
+                        .push(emitted_at.timestamp_micros());
+                }
                 stats.received.fetch_add(1, Ordering::Relaxed);
                 stats
                     .last_receipt_us
@@ -244,11 +252,12 @@ fn seq_and_emission(text: &str) -> Option<(u64, DateTime<Utc>)> {
     Some((seq.parse().ok()?, emitted_at.with_timezone(&Utc)))
 }
 
-/// Connects `count` clients, 50 at a time.
+/// Connects `count` clients, 50 at a time; they keep every emission time if `emissions`.
 async fn connect_clients(
     url: &str,
     token: &str,
     count: usize,
+    emissions: bool,
     started: Instant,
     stop: &watch::Receiver<bool>,
 ) -> anyhow::Result<Vec<(Arc<ClientStats>, tokio::task::JoinHandle<()>)>> {
@@ -261,7 +270,10 @@ async fn connect_clients(
     let mut clients = Vec::with_capacity(count);
     for (index, socket) in sockets.into_iter().enumerate() {
         let (socket, _) = socket.with_context(|| format!("connecting client {index}"))?;
-        let stats = Arc::new(ClientStats::default());
+        let stats = Arc::new(ClientStats {
+            emissions_us: emissions.then(Mutex::default),
+            ..ClientStats::default()
+        });
         let task = tokio::spawn(run_client(
             format!("client {index}"),
             Arc::clone(&stats),
@@ -286,8 +298,8 @@ async fn fanout(
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     let (stop_tx, stop) = watch::channel(false);
-    let connected = connect_clients(url, token, clients, started, &stop).await?;
-    println!(
+    let connected = connect_clients(url, token, clients, false, started, &stop).await?;
+    eprintln!(
         "connected {clients} clients in {:.1} s; service RSS {} MiB",
         started.elapsed().as_secs_f64(),
         probe.rss_kib().unwrap_or(0) / 1024
@@ -301,20 +313,29 @@ async fn fanout(
 
     let sampling = probe.sample_every(Duration::from_secs(1));
     let before = probe.cpu_seconds().unwrap_or(0.0);
+    let own = ProcessProbe::own(probe.clock_ticks);
+    let own_before = own.cpu_seconds().unwrap_or(0.0);
+    let machine_before = machine_busy_seconds(probe.clock_ticks);
     let window_start = Instant::now();
     let received_before = total_received();
     let published = publisher.run(rate, Duration::from_secs(seconds)).await?;
     let window = window_start.elapsed().as_secs_f64();
     let received_in_window = total_received() - received_before;
     let cpu = probe.cpu_seconds().unwrap_or(0.0) - before;
+    let own_cpu = own.cpu_seconds().unwrap_or(0.0) - own_before;
+    let machine_cpu = machine_busy_seconds(probe.clock_ticks)
+        .zip(machine_before)
+        .map_or(0.0, |(after, before)| after - before);
     let rss = sampling.finish().await;
 
     // Whatever is still in flight arrives within a few seconds, or is missing.
     let expected = published * clients as u64;
     let drain_deadline = Instant::now() + Duration::from_secs(30);
+    let drain_start = Instant::now();
     while total_received() < expected && Instant::now() < drain_deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let drain = drain_start.elapsed().as_secs_f64();
     let _ = stop_tx.send(true);
     let mut latencies = Vec::new();
     let (mut gaps, mut closed, mut short) = (0, 0, 0);
@@ -340,6 +361,8 @@ async fn fanout(
         "clients_closed": closed,
         "seq_gaps": gaps,
         "delivered_per_second_in_window": received_in_window as f64 / window,
+        // How long the last deliveries took to arrive after the last publication.
+        "drain_seconds": drain,
         "latency_ms": {
             "p50": percentile_ms(&latencies, 50.0),
             "p90": percentile_ms(&latencies, 90.0),
@@ -353,7 +376,10 @@ async fn fanout(
             "max": rss.max_kib as f64 / 1024.0,
             "hwm": probe.hwm_kib().unwrap_or(0) as f64 / 1024.0,
         },
-        "driver_cpu_percent_of_one_core": 100.0 * ProcessProbe::own(probe.clock_ticks).cpu_seconds().unwrap_or(0.0) / started.elapsed().as_secs_f64(),
+        "driver_cpu_percent_of_one_core": 100.0 * own_cpu / window,
+        // Everything else on the machine (PostgreSQL, builds...), in the same unit.
+        "other_cpu_percent_of_one_core": 100.0 * (machine_cpu - cpu - own_cpu) / window,
+        "cores": std::thread::available_parallelism().map_or(0, usize::from),
     });
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
@@ -369,7 +395,7 @@ async fn max_rate(
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     let (stop_tx, stop) = watch::channel(false);
-    let mut connected = connect_clients(url, token, 1, started, &stop).await?;
+    let mut connected = connect_clients(url, token, 1, true, started, &stop).await?;
     let (stats, task) = connected.pop().expect("one client");
     let mut steps = Vec::new();
     let mut best = None;
@@ -395,41 +421,85 @@ async fn max_rate(
             (stats.last_receipt_us.load(Ordering::Relaxed) - step_start_us) as f64 / 1e6;
         let mut latencies = stats.latencies_us.lock().unwrap()[latencies_before..].to_vec();
         latencies.sort_unstable();
+        let emissions = stats.emissions_us.as_ref().expect("kept");
+        let emissions = emissions.lock().unwrap()[latencies_before..].to_vec();
+        let emitted_seconds = match (emissions.first(), emissions.last()) {
+            (Some(first), Some(last)) => (last - first) as f64 / 1e6,
+            _ => 0.0,
+        };
+        // The service's own rate of publication: below the asked rate, the bottleneck is
+        // upstream of the channel (the announcements, the relay's reads), not the client.
+        let emitted_per_second = received as f64 / emitted_seconds.max(1e-6);
         let delivered_per_second = received as f64 / busy_seconds.max(1e-6);
-        let kept_up = received == published
-            && gaps == 0
-            && close_code == 0
-            && delivered_per_second >= 0.95 * f64::from(rate);
+        let complete = received == published && gaps == 0 && close_code == 0;
+        let limited_by = if close_code != 0 {
+            "client closed (4008: lagged)"
+        } else if !complete {
+            "messages missing"
+        } else if emitted_per_second < 0.95 * f64::from(rate) {
+            "publication"
+        } else if delivered_per_second < 0.95 * f64::from(rate) {
+            "delivery"
+        } else {
+            "none"
+        };
         let step = json!({
             "rate_per_second": rate,
             "published": published,
             "received": received,
             "seq_gaps": gaps,
             "close_code": close_code,
+            "emitted_per_second": emitted_per_second,
             "delivered_per_second": delivered_per_second,
             "latency_ms": {
                 "p50": percentile_ms(&latencies, 50.0),
                 "p99": percentile_ms(&latencies, 99.0),
                 "max": percentile_ms(&latencies, 100.0),
             },
-            "kept_up": kept_up,
+            "complete": complete,
+            "limited_by": limited_by,
         });
-        println!("{step}");
+        eprintln!("{step}");
         steps.push(step);
-        if !kept_up {
+        if !complete {
             break;
         }
-        best = Some(rate);
+        let received_per_second = delivered_per_second.min(emitted_per_second);
+        best = Some(best.map_or(received_per_second, |best: f64| {
+            best.max(received_per_second)
+        }));
+        if limited_by != "none" {
+            // Asking for more would not publish more.
+            break;
+        }
     }
     let _ = stop_tx.send(true);
     let _ = task.await;
     let summary = json!({
         "mode": "max-rate",
-        "highest_rate_kept_up_per_second": best,
+        // The most messages a second the client received, every one, without being closed.
+        "highest_rate_received_in_full_per_second": best,
+        "stopped_by": steps.last().map(|step| step["limited_by"].clone()),
         "steps": steps,
     });
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
+}
+
+/// CPU seconds the whole machine has spent busy (all but idle and iowait), from /proc/stat.
+fn machine_busy_seconds(clock_ticks: u64) -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|field| field.parse().ok())
+        .collect();
+    let idle = ticks.get(3)? + ticks.get(4)?;
+    // guest and guest_nice are already counted in user and nice.
+    let total: u64 = ticks.iter().take(8).sum();
+    Some((total - idle) as f64 / clock_ticks as f64)
 }
 
 /// The nearest-rank percentile of sorted microseconds, in milliseconds.

@@ -40,7 +40,6 @@ max_rates=${BENCH_MAX_RATES:-100,500,1000,2000,5000,10000,20000}
 step_seconds=${BENCH_STEP_SECONDS:-5}
 pg_url=${BENCH_PG_URL:-postgres://postgres@127.0.0.1:5432}
 out=${BENCH_OUT:-$here/results/$(date -u +%Y%m%dT%H%M%SZ)}
-driver=$root/target/debug/examples/websocket-load
 export PGOPTIONS="${PGOPTIONS:-} -c client_min_messages=warning"
 
 pg_db=seidra_bench_ws_$$
@@ -65,7 +64,14 @@ install() {
 }
 install || { echo "bench: installing curl/psql failed" >&2; exit 2; }
 seidra_build || exit 2
-(cd "$root" && cargo build --quiet --example websocket-load) || exit 2
+# The path cargo reports: another build sharing target/ may replace target/debug/examples/.
+driver=$(cd "$root" && cargo build --quiet --example websocket-load --message-format=json \
+  | python3 -c 'import json, sys
+for line in sys.stdin:
+    message = json.loads(line)
+    if message.get("reason") == "compiler-artifact" and message["target"]["name"] == "websocket-load":
+        print(message["executable"])') || exit 2
+[ -x "$driver" ] || { echo "bench: no websocket-load executable" >&2; exit 2; }
 mkdir -p "$out" || exit 2
 
 # Each client is a socket in the driver and one in the service.
@@ -90,9 +96,9 @@ run_driver() {
 }
 
 echo "== fanout: $clients clients, $rate messages/s for $seconds s (client queue $queue, $(nproc) cores)"
-run_driver fanout --clients "$clients" --rate "$rate" --seconds "$seconds" 2> "$out/fanout.err" \
-  | tee "$out/fanout.json" || exit 1
+run_driver fanout --clients "$clients" --rate "$rate" --seconds "$seconds" \
+  2> >(tee "$out/fanout.log" >&2) | tee "$out/fanout.json" || exit 1
 echo "== max-rate: one client, $max_rates messages/s, $step_seconds s each"
-run_driver max-rate --rates "$max_rates" --step-seconds "$step_seconds" 2> "$out/max-rate.err" \
-  | tee "$out/max-rate.json" || exit 1
+run_driver max-rate --rates "$max_rates" --step-seconds "$step_seconds" \
+  2> >(tee "$out/max-rate.log" >&2) | tee "$out/max-rate.json" || exit 1
 echo "raw outputs in $out"

@@ -247,7 +247,7 @@ impl Worker {
             },
             Ok(Ok(images)) => match meter.finish() {
                 Err(error) => WorkOutcome::Failed {
-                    error: GenerationError::Model(error.to_string()),
+                    error: GenerationError::from_device_message(error.to_string()),
                     elapsed: started.elapsed(),
                 },
                 Ok(measurement) => self.write_outputs(job, &images, measurement),

@@ -87,7 +87,11 @@ struct DeviceChild {
     name: String,
     cell: Option<ActorCell>,
     restarts: u32,
+    last_crash: Option<std::time::Instant>,
 }
+
+/// A device that ran this long without crashing starts its backoff afresh.
+const STABLE_AFTER: Duration = Duration::from_secs(300);
 
 /// The longest wait before restarting a crashed device.
 const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(30);
@@ -163,6 +167,7 @@ impl Actor for RuntimeSupervisor {
                     name,
                     cell: None,
                     restarts: 0,
+                    last_crash: None,
                 })
                 .collect(),
             factory: settings.factory,
@@ -303,6 +308,13 @@ fn schedule_restart(
     index: usize,
 ) {
     let child = &mut state.devices[index];
+    if child
+        .last_crash
+        .is_some_and(|at| at.elapsed() > STABLE_AFTER)
+    {
+        child.restarts = 0;
+    }
+    child.last_crash = Some(std::time::Instant::now());
     child.restarts += 1;
     let backoff = Duration::from_millis(100u64 << child.restarts.min(9)).min(MAX_RESTART_BACKOFF);
     tracing::warn!(device = %child.name, restarts = child.restarts, backoff_ms = backoff.as_millis() as u64, "restarting device actor");

@@ -154,8 +154,12 @@ impl Actor for TelemetryWriterActor {
             TelemetryWriterMessage::Append(row, reply) => {
                 state.pending.push((row, reply));
                 if !state.flush_scheduled {
-                    state.flush_scheduled = true;
-                    myself.cast(TelemetryWriterMessage::Flush)?;
+                    if myself.cast(TelemetryWriterMessage::Flush).is_ok() {
+                        state.flush_scheduled = true;
+                    } else {
+                        // Draining for shutdown refuses new messages: commit now instead.
+                        self.flush(&myself, state).await;
+                    }
                 }
             }
             TelemetryWriterMessage::Flush => {

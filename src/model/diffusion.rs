@@ -183,7 +183,9 @@ impl<B: Backend> Generator for DiffusionGenerator<B> {
         let data = x
             .try_into_data()
             .map_err(|error| {
-                GenerationError::Model(format!("reading the result failed: {error:?}"))
+                GenerationError::from_device_message(format!(
+                    "reading the result failed: {error:?}"
+                ))
             })?
             .convert::<f32>()
             .into_vec::<f32>()

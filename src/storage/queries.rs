@@ -218,6 +218,11 @@ struct RankRow {
 }
 
 /// Summarises every row that matches `filter`.
+// FIXME: every request recomputes the summary from the rows (seven statements, three of them
+// sorting the window for exact percentiles). Over a 60-minute window that is milliseconds; with
+// no window on a million rows it takes seconds (see benches/telemetry-endpoint). Pre-aggregated
+// figures maintained by the writer (per minute, model, device and status, with a duration
+// histogram) would bound it.
 pub async fn summarize<C: ConnectionTrait>(
     db: &C,
     filter: &TelemetryFilter,

@@ -87,6 +87,9 @@ pub async fn run_schedule(
                 tracing::warn!(error = %error, "retention purge failed; retrying next period")
             }
         }
+        if let Err(error) = crate::storage::optimize(&db).await {
+            tracing::warn!(error = %error, "refreshing table statistics failed");
+        }
     }
 }
 

@@ -133,3 +133,46 @@ async fn a_user_reads_their_own_jobs_only() {
     app.wait_for_job(&id).await;
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_stop_lets_the_running_job_finish_and_records_the_queued_ones() {
+    use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+    use seidra::storage::entities::generation_metrics;
+
+    let app = spawn_app().await;
+    let running = app
+        .submit(json!({"media_type": "image", "prompt": "long", "width": 32, "height": 32, "steps": 40, "seed": 1}))
+        .await;
+    let queued = app.submit(small_image(2)).await;
+    for _ in 0..2000 {
+        if app.job(&running).await["status"] == "running" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let db = app.db.clone();
+    app.stop().await;
+
+    let rows = generation_metrics::Entity::find()
+        .filter(generation_metrics::Column::JobId.is_in([running.clone(), queued.clone()]))
+        .all(&db)
+        .await
+        .unwrap();
+    let status = |id: &str| {
+        rows.iter()
+            .find(|row| row.job_id == id)
+            .map(|row| row.status.clone())
+    };
+    assert_eq!(
+        status(&running).as_deref(),
+        Some("succeeded"),
+        "the running job finished and has its row"
+    );
+    assert_eq!(
+        status(&queued).as_deref(),
+        Some("failed"),
+        "the queued job is recorded"
+    );
+    let queued_row = rows.iter().find(|row| row.job_id == queued).unwrap();
+    assert_eq!(queued_row.extra["error"]["kind"], "service_stopped");
+}
