@@ -13,6 +13,7 @@ use seidra::storage;
 use seidra::storage::retention;
 
 mod demo;
+mod generate;
 
 /// Runs generation models on every device of this host and measures every generation.
 #[derive(Debug, Parser)]
@@ -80,6 +81,8 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Submit a job to a running service, follow its progress, print its figures and files.
+    Generate(generate::GenerateArgs),
     /// Write the OpenAPI document to a folder.
     Openapi {
         /// Where to write `openapi.json`.
@@ -154,6 +157,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             older_than,
             dry_run,
         } => purge(&settings, older_than, dry_run).await,
+        Command::Generate(args) => generate::run(args).await,
         Command::Openapi { out } => {
             std::fs::create_dir_all(&out)?;
             let path = out.join("openapi.json");

@@ -176,3 +176,39 @@ async fn a_stop_lets_the_running_job_finish_and_records_the_queued_ones() {
     let queued_row = rows.iter().find(|row| row.job_id == queued).unwrap();
     assert_eq!(queued_row.extra["error"]["kind"], "service_stopped");
 }
+
+#[tokio::test]
+async fn seidra_generate_follows_a_job_to_its_end_and_prints_it() {
+    let app = spawn_app().await;
+    let base_url = app.base_url.clone();
+    let token = app.token.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_seidra"))
+            .args([
+                "generate", "--json", "--width", "32", "--height", "32", "--steps", "3",
+            ])
+            .args([
+                "--seed",
+                "5",
+                "--url",
+                &base_url,
+                "--token",
+                &token,
+                "a generated test image",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let job: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(job["status"], "succeeded");
+    assert_eq!(job["metrics"]["extra"]["seed"], 5);
+    assert_eq!(job["files"][0]["name"], "image-0.png");
+    app.stop().await;
+}

@@ -1,0 +1,182 @@
+//! `seidra generate`: submits a job to a running service, follows its progress on the channel
+//! `system` with a progress bar, and prints the job's figures and files when it ends.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use futures_util::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+/// What to generate, from the command line.
+#[derive(Debug, clap::Args)]
+pub struct GenerateArgs {
+    /// The service's base URL.
+    #[arg(long, env = "SEIDRA_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// An operator token (the channel needs the operator role).
+    #[arg(long, env = "SEIDRA_TOKEN")]
+    token: String,
+    /// `image` or `video`.
+    #[arg(long, default_value = "image")]
+    media_type: String,
+    /// The prompt.
+    prompt: String,
+    /// Width in pixels.
+    #[arg(long)]
+    width: Option<u32>,
+    /// Height in pixels.
+    #[arg(long)]
+    height: Option<u32>,
+    /// Denoising steps.
+    #[arg(long)]
+    steps: Option<u32>,
+    /// Seed of the initial noise.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Images of an image job.
+    #[arg(long)]
+    images: Option<u32>,
+    /// Frames of a video job.
+    #[arg(long)]
+    frames: Option<u32>,
+    /// Frames per second of a video job.
+    #[arg(long)]
+    fps: Option<u32>,
+    /// The persona the job is for.
+    #[arg(long)]
+    persona_id: Option<String>,
+    /// Print the job as JSON instead of a summary, and no progress bar.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Submits the job, follows it, prints the outcome; fails when the job did not succeed.
+pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    let base = args.url.trim_end_matches('/').to_owned();
+    let mut body = json!({"media_type": args.media_type, "prompt": args.prompt});
+    for (field, value) in [
+        ("width", args.width.map(Value::from)),
+        ("height", args.height.map(Value::from)),
+        ("steps", args.steps.map(Value::from)),
+        ("seed", args.seed.map(Value::from)),
+        ("images", args.images.map(Value::from)),
+        ("frames", args.frames.map(Value::from)),
+        ("fps", args.fps.map(Value::from)),
+        ("persona_id", args.persona_id.clone().map(Value::from)),
+    ] {
+        if let Some(value) = value {
+            body[field] = value;
+        }
+    }
+
+    // Subscribe before submitting so that no event of the job is missed.
+    let ws_url = format!(
+        "{}/api/system/ws?token={}",
+        base.replacen("http", "ws", 1),
+        args.token
+    );
+    let (mut channel, _) = tokio_tungstenite::connect_async(ws_url)
+        .await
+        .context("opening the channel `system`")?;
+    let client = reqwest::Client::new();
+    let response = client
+        .post(format!("{base}/api/jobs"))
+        .bearer_auth(&args.token)
+        .json(&body)
+        .send()
+        .await
+        .context("submitting the job")?;
+    if !response.status().is_success() {
+        bail!(
+            "the job was refused: {} {}",
+            response.status(),
+            response.text().await.unwrap_or_default()
+        );
+    }
+    let accepted: Value = response.json().await?;
+    let job_id = accepted["job_id"]
+        .as_str()
+        .context("no job_id in the answer")?
+        .to_owned();
+
+    let bar = if args.json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(0)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} steps ({elapsed})")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(format!("job {job_id} queued"));
+    bar.enable_steady_tick(Duration::from_millis(120));
+    while let Some(message) = channel.next().await {
+        let Message::Text(text) = message? else {
+            continue;
+        };
+        let event: Value = serde_json::from_str(&text)?;
+        if event["data"]["job_id"] != job_id.as_str() {
+            continue;
+        }
+        match event["type"].as_str() {
+            Some("job.started") => bar.set_message(format!(
+                "job {job_id} on {}",
+                event["data"]["device"].as_str().unwrap_or("?")
+            )),
+            Some("job.progress") => {
+                bar.set_length(event["data"]["steps"].as_u64().unwrap_or(0));
+                bar.set_position(event["data"]["step"].as_u64().unwrap_or(0));
+            }
+            Some("job.finished" | "job.failed" | "job.cancelled") => break,
+            _ => {}
+        }
+    }
+    bar.finish_and_clear();
+
+    let job: Value = client
+        .get(format!("{base}/api/jobs/{job_id}"))
+        .bearer_auth(&args.token)
+        .send()
+        .await?
+        .json()
+        .await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&job)?);
+    } else {
+        print_summary(&base, &job);
+    }
+    if job["status"] != "succeeded" {
+        bail!("job {job_id} ended {}", job["status"]);
+    }
+    Ok(())
+}
+
+fn print_summary(base: &str, job: &Value) {
+    let m = &job["metrics"];
+    println!(
+        "job {} {}",
+        job["job_id"].as_str().unwrap_or("?"),
+        job["status"].as_str().unwrap_or("?")
+    );
+    println!(
+        "  device            {}",
+        m["device"].as_str().unwrap_or("?")
+    );
+    println!("  outputs           {}", m["outputs"]);
+    println!("  duration_seconds  {}", m["duration_seconds"]);
+    println!("  throughput        {}", m["throughput"]);
+    println!("  queue_wait_seconds {}", m["queue_wait_seconds"]);
+    println!("  vram_peak_mb      {}", m["vram_peak_mb"]);
+    if let Some(error) = m["extra"]["error"].as_object() {
+        println!("  error             {} {}", error["kind"], error["message"]);
+    }
+    for file in job["files"].as_array().into_iter().flatten() {
+        println!(
+            "  file              {base}{}",
+            file["url"].as_str().unwrap_or("")
+        );
+    }
+}
