@@ -113,6 +113,18 @@ async fn wait_until_up(client: &reqwest::Client, service: &Service) {
     panic!("the service did not come up");
 }
 
+async fn get_json(client: &reqwest::Client, token: &str, url: &str) -> Value {
+    client
+        .get(url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -162,15 +174,12 @@ async fn after_kill_9_the_database_is_sound_and_every_finished_job_has_its_row()
     while finished.len() < 3 {
         finished.clear();
         for id in &ids {
-            let job: Value = client
-                .get(format!("{}/api/jobs/{id}", service.base_url))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let job = get_json(
+                &client,
+                &token,
+                &format!("{}/api/jobs/{id}", service.base_url),
+            )
+            .await;
             if job["status"] == "succeeded" {
                 finished.push(id.clone());
             }
@@ -193,18 +202,11 @@ async fn after_kill_9_the_database_is_sound_and_every_finished_job_has_its_row()
 
     let mut restarted = start_service(data.path(), port);
     wait_until_up(&client, &restarted).await;
-    let answer: Value = client
-        .get(format!(
-            "{}/api/system/telemetry/generation?limit=1000",
-            restarted.base_url
-        ))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let url = format!(
+        "{}/api/system/telemetry/generation?limit=1000",
+        restarted.base_url
+    );
+    let answer = get_json(&client, &token, &url).await;
     let rows: Vec<&Value> = answer["items"].as_array().unwrap().iter().collect();
     for id in &finished {
         let row = rows.iter().find(|row| row["job_id"] == id.as_str());
@@ -217,15 +219,12 @@ async fn after_kill_9_the_database_is_sound_and_every_finished_job_has_its_row()
     for id in &ids {
         let mut row = None;
         for _ in 0..200 {
-            let job: Value = client
-                .get(format!("{}/api/jobs/{id}", restarted.base_url))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let job = get_json(
+                &client,
+                &token,
+                &format!("{}/api/jobs/{id}", restarted.base_url),
+            )
+            .await;
             if !job["metrics"].is_null() {
                 row = Some(job["metrics"].clone());
                 break;
