@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use poem::handler;
 use poem::http::StatusCode;
-use poem::web::websocket::{CloseCode, Message, WebSocket};
+use poem::web::websocket::{CloseCode, Message, WebSocket, WebSocketConfig};
 use poem::web::{Data, Query, RemoteAddr};
 use poem::{IntoResponse, Request, Response};
 use ractor::rpc::CallResult;
@@ -31,6 +31,10 @@ pub const CLOSE_LAGGED: u16 = 4008;
 pub const HEARTBEAT: Duration = Duration::from_secs(15);
 /// Longest a client's socket may take to accept one message before it counts as lagging.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a close frame may wait; a lagging client's full socket would never take it.
+const CLOSE_TIMEOUT: Duration = Duration::from_millis(100);
+/// The largest frame a client may send, and its read buffer.
+const CLIENT_FRAME_BYTES: usize = 4096;
 
 /// Query parameters of the upgrade request.
 #[derive(Debug, Deserialize)]
@@ -94,7 +98,14 @@ pub async fn system_channel(
     );
     let shutdown = state.shutdown.clone();
     let remote = remote.to_string();
-    ws.on_upgrade(move |socket| serve_client(socket, subscription, expires_in, shutdown, remote))
+    // Clients only send pings, pongs and close frames: small buffers keep a thousand idle
+    // connections cheap and refuse large messages nobody reads.
+    let config = WebSocketConfig::default()
+        .read_buffer_size(CLIENT_FRAME_BYTES)
+        .max_message_size(Some(CLIENT_FRAME_BYTES))
+        .max_frame_size(Some(CLIENT_FRAME_BYTES));
+    ws.config(config)
+        .on_upgrade(move |socket| serve_client(socket, subscription, expires_in, shutdown, remote))
         .into_response()
 }
 
@@ -204,6 +215,6 @@ impl Client {
 
     async fn close(&mut self, code: CloseCode, reason: &str) {
         let close = Message::Close(Some((code, reason.to_owned())));
-        let _ = tokio::time::timeout(SEND_TIMEOUT, self.sink.send(close)).await;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.sink.send(close)).await;
     }
 }
