@@ -31,13 +31,7 @@ install() {
 }
 install || { echo "check-clients: installing the tools failed" >&2; echo "clients: 0 passed, 1 failed"; exit 2; }
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/seidra-clients.XXXXXX")
-cleanup() {
-  seidra_stop
-  rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+seidra_workdir seidra-clients
 
 passed=0
 failed=0

@@ -35,13 +35,7 @@ workers=${FUZZ_WORKERS:-1}
 
 seidra_install_venv || { echo "fuzz: installing schemathesis failed" >&2; echo "fuzz: 0 passed, 1 failed"; exit 2; }
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/seidra-fuzz.XXXXXX")
-cleanup() {
-  seidra_stop
-  rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+seidra_workdir seidra-fuzz
 report_dir=${FUZZ_REPORT_DIR:-$work/report}
 mkdir -p "$report_dir"
 

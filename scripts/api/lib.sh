@@ -130,3 +130,11 @@ seidra_small_job() {
   echo "job $job_id not finished after 120 s (status $status)" >&2
   return 1
 }
+
+# Makes a temporary work folder in $work named after PREFIX, removed (with the service it
+# started) when the script exits.
+seidra_workdir() {
+  work=$(mktemp -d "${TMPDIR:-/tmp}/$1.XXXXXX")
+  trap 'seidra_stop; rm -rf "$work"' EXIT
+  trap 'exit 130' INT TERM
+}

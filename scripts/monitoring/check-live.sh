@@ -9,7 +9,8 @@ root=$(cd "$here/../.." && pwd)
 # shellcheck source=../api/lib.sh
 source "$root/scripts/api/lib.sh"
 
-data=$(mktemp -d)
+seidra_workdir seidra-monitoring
+data=$work
 seidra_build
 seidra_start "$data" --devices cpu
 token=$(seidra_token "$data")

@@ -8,7 +8,7 @@ use serde_json::Value;
 use tokio_tungstenite::connect_async;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::helpers::{AppOptions, fresh_database, small_image, spawn_app_with};
+use crate::helpers::{AppOptions, fresh_database, get_json, small_image, spawn_app_with};
 
 #[tokio::test]
 async fn two_instances_on_one_database_see_each_others_rows_and_events() {
@@ -111,18 +111,6 @@ async fn wait_until_up(client: &reqwest::Client, service: &Service) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("the service did not come up");
-}
-
-async fn get_json(client: &reqwest::Client, token: &str, url: &str) -> Value {
-    client
-        .get(url)
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
 }
 
 fn free_port() -> u16 {

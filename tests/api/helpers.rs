@@ -172,15 +172,8 @@ impl TestApp {
 
     /// Reads a job with the operator token.
     pub async fn job(&self, id: &str) -> Value {
-        self.client
-            .get(format!("{}/api/jobs/{id}", self.base_url))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        let url = format!("{}/api/jobs/{id}", self.base_url);
+        get_json(&self.client, &self.token, &url).await
     }
 
     /// Waits until a job has ended (its row is committed); answers the job.
@@ -230,6 +223,19 @@ impl TestApp {
             server.await.unwrap().unwrap();
         }
     }
+}
+
+/// An authorised GET answered with JSON.
+pub async fn get_json(client: &reqwest::Client, token: &str, url: &str) -> Value {
+    client
+        .get(url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 /// A small, fast image job.
