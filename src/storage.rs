@@ -8,6 +8,7 @@ pub mod entities;
 pub mod notify;
 pub mod queries;
 pub mod retention;
+pub mod rollup;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -80,6 +81,14 @@ pub fn timestamp_parameter(backend: DatabaseBackend, at: DateTime<Utc>) -> Value
     match backend {
         DatabaseBackend::Postgres => Value::from(at),
         _ => Value::from(at.format(SQLITE_TIMESTAMP_FORMAT).to_string()),
+    }
+}
+
+/// The `index`-th (from 1) parameter placeholder of a statement.
+pub(crate) fn placeholder(backend: DatabaseBackend, index: usize) -> String {
+    match backend {
+        DatabaseBackend::Postgres => format!("${index}"),
+        _ => "?".to_owned(),
     }
 }
 

@@ -87,8 +87,12 @@ metric=$(curl -sf -H "Authorization: Bearer $token" "$SEIDRA_URL/api/jobs/$job" 
   | python3 -c 'import json, sys; print(json.load(sys.stdin)["metrics"]["id"])') || exit 2
 columns=$(psql "$pg_url/$pg_db" -qAtc "SELECT string_agg(quote_ident(column_name), ', ' ORDER BY ordinal_position)
   FROM information_schema.columns WHERE table_name = 'generation_metrics' AND column_name <> 'id'") || exit 2
+# The same figures under a job id of their own each: job_id is unique.
+copies=$(psql "$pg_url/$pg_db" -qAtc "SELECT string_agg(CASE column_name WHEN 'job_id' THEN 'job_id || ''-'' || n'
+  ELSE quote_ident(column_name) END, ', ' ORDER BY ordinal_position)
+  FROM information_schema.columns WHERE table_name = 'generation_metrics' AND column_name <> 'id'") || exit 2
 psql "$pg_url/$pg_db" -qAtc "INSERT INTO generation_metrics ($columns)
-  SELECT $columns FROM generation_metrics, generate_series(2, $rows) WHERE id = $metric" > /dev/null || exit 2
+  SELECT $copies FROM generation_metrics, generate_series(2, $rows) AS n WHERE id = $metric" > /dev/null || exit 2
 
 run_driver() {
   BENCH_TOKEN=$token "$driver" --url "ws://127.0.0.1:$SEIDRA_PORT/api/system/ws" \

@@ -75,6 +75,15 @@ pub enum CancelOutcome {
 pub enum JobContextMessage {
     /// Stores and queues a job.
     SubmitJob(Job, RpcReplyPort<Result<(), SubmitError>>),
+    /// A submitted job's storage ended; it is queued if it was stored.
+    JobStored {
+        /// The job.
+        job: Job,
+        /// Whether it was stored.
+        stored: Result<(), DbErr>,
+        /// The submitter's reply port.
+        reply: RpcReplyPort<Result<(), SubmitError>>,
+    },
     /// A job's view, if it is known in memory.
     GetJob(Uuid, RpcReplyPort<Option<JobView>>),
     /// Cancels a queued or running job.
@@ -162,6 +171,8 @@ pub struct JobContextState {
     jobs: HashMap<Uuid, Entry>,
     finished: VecDeque<Uuid>,
     max_pending_jobs: usize,
+    /// Submitted jobs whose storage has not ended yet.
+    storing: usize,
     accepting: bool,
 }
 
@@ -196,6 +207,7 @@ impl Actor for JobContextActor {
             jobs: HashMap::new(),
             finished: VecDeque::new(),
             max_pending_jobs: args.max_pending_jobs,
+            storing: 0,
             accepting: true,
         };
         state.recover_interrupted(&myself).await?;
@@ -209,21 +221,18 @@ impl Actor for JobContextActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            JobContextMessage::SubmitJob(job, reply) => {
-                let pending = state.jobs.len() - state.finished.len();
-                if !state.accepting {
-                    let _ = reply.send(Err(SubmitError::Stopping));
-                    return Ok(());
-                }
-                if pending >= state.max_pending_jobs {
-                    let _ = reply.send(Err(SubmitError::Full(pending)));
-                    return Ok(());
-                }
-                let stored = state.store(&job).await;
+            JobContextMessage::SubmitJob(job, reply) => state.submit(&myself, job, reply),
+            JobContextMessage::JobStored { job, stored, reply } => {
+                state.storing -= 1;
                 if stored.is_ok() {
                     state.announce(EventType::JobQueued, &job, |_| {});
                     state.accept(job);
-                    state.dispatch();
+                    if state.accepting {
+                        state.dispatch();
+                    } else {
+                        // Stopped while it was being stored: it gets its row like any queued job.
+                        state.stop_accepting(&myself);
+                    }
                 }
                 let _ = reply.send(stored.map_err(SubmitError::from));
             }
@@ -345,49 +354,29 @@ impl JobContextState {
         Ok(())
     }
 
-    /// Stores the job as queued, registering its user and persona on first sight.
-    async fn store(&self, job: &Job) -> Result<(), DbErr> {
-        users::Entity::insert(users::ActiveModel {
-            id: Set(job.user_id.clone()),
-            created_at: NotSet,
-        })
-        .on_conflict(
-            OnConflict::column(users::Column::Id)
-                .do_nothing()
-                .to_owned(),
-        )
-        .exec_without_returning(&self.db)
-        .await?;
-        if let Some(persona) = &job.persona_id {
-            personas::Entity::insert(personas::ActiveModel {
-                id: Set(persona.clone()),
-                user_id: Set(job.user_id.clone()),
-                created_at: NotSet,
-            })
-            .on_conflict(
-                OnConflict::column(personas::Column::Id)
-                    .do_nothing()
-                    .to_owned(),
-            )
-            .exec_without_returning(&self.db)
-            .await?;
+    /// Checks that a job can be taken, then stores it away from the actor: a slow or lost
+    /// database must not hold up reads of the registry, progress or dispatch.
+    fn submit(
+        &mut self,
+        myself: &ActorRef<JobContextMessage>,
+        job: Job,
+        reply: RpcReplyPort<Result<(), SubmitError>>,
+    ) {
+        let pending = self.jobs.len() - self.finished.len() + self.storing;
+        if !self.accepting {
+            let _ = reply.send(Err(SubmitError::Stopping));
+            return;
         }
-        generation_jobs::Entity::insert(generation_jobs::ActiveModel {
-            id: Set(job.id.to_string()),
-            user_id: Set(job.user_id.clone()),
-            persona_id: Set(job.persona_id.clone()),
-            media_type: Set(job.request.media_type.as_str().to_owned()),
-            model_name: Set(job.request.model_name.clone()),
-            prompt: Set(job.request.prompt.clone()),
-            parameters: Set(serde_json::to_value(&job.request).unwrap_or_default()),
-            status: Set(JobStatus::Queued.as_str().to_owned()),
-            host: Set(self.host.clone()),
-            submitted_at: NotSet,
-            finished_at: NotSet,
-        })
-        .exec_without_returning(&self.db)
-        .await?;
-        Ok(())
+        if pending >= self.max_pending_jobs {
+            let _ = reply.send(Err(SubmitError::Full(pending)));
+            return;
+        }
+        self.storing += 1;
+        let (db, host, myself) = (self.db.clone(), self.host.clone(), myself.clone());
+        tokio::spawn(async move {
+            let stored = store(&db, &host, &job).await;
+            let _ = myself.cast(JobContextMessage::JobStored { job, stored, reply });
+        });
     }
 
     fn accept(&mut self, job: Job) {
@@ -737,4 +726,49 @@ enum Ended {
     Cancelled {
         elapsed: Duration,
     },
+}
+
+/// Stores the job as queued, registering its user and persona on first sight.
+async fn store(db: &DatabaseConnection, host: &str, job: &Job) -> Result<(), DbErr> {
+    users::Entity::insert(users::ActiveModel {
+        id: Set(job.user_id.clone()),
+        created_at: NotSet,
+    })
+    .on_conflict(
+        OnConflict::column(users::Column::Id)
+            .do_nothing()
+            .to_owned(),
+    )
+    .exec_without_returning(db)
+    .await?;
+    if let Some(persona) = &job.persona_id {
+        personas::Entity::insert(personas::ActiveModel {
+            id: Set(persona.clone()),
+            user_id: Set(job.user_id.clone()),
+            created_at: NotSet,
+        })
+        .on_conflict(
+            OnConflict::column(personas::Column::Id)
+                .do_nothing()
+                .to_owned(),
+        )
+        .exec_without_returning(db)
+        .await?;
+    }
+    generation_jobs::Entity::insert(generation_jobs::ActiveModel {
+        id: Set(job.id.to_string()),
+        user_id: Set(job.user_id.clone()),
+        persona_id: Set(job.persona_id.clone()),
+        media_type: Set(job.request.media_type.as_str().to_owned()),
+        model_name: Set(job.request.model_name.clone()),
+        prompt: Set(job.request.prompt.clone()),
+        parameters: Set(serde_json::to_value(&job.request).unwrap_or_default()),
+        status: Set(JobStatus::Queued.as_str().to_owned()),
+        host: Set(host.to_owned()),
+        submitted_at: NotSet,
+        finished_at: NotSet,
+    })
+    .exec_without_returning(db)
+    .await?;
+    Ok(())
 }

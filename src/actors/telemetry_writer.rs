@@ -5,12 +5,14 @@
 //! batch, so batches grow with load and add no delay when idle. When the database refuses a
 //! batch the writer keeps it and retries with backoff; nothing it holds is dropped.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use sea_orm::{
     ActiveValue::{NotSet, Set},
-    ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, Statement, TransactionTrait, Value,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, Statement,
+    TransactionTrait, Value,
 };
 
 use crate::actors::broadcast::BroadcastMessage;
@@ -18,6 +20,7 @@ use crate::events::GenerationItem;
 use crate::generation::JobStatus;
 use crate::storage::entities::generation_metrics;
 use crate::storage::notify::{self, Announcement};
+use crate::storage::rollup;
 use crate::storage::timestamp_parameter;
 use uuid::Uuid;
 
@@ -248,16 +251,40 @@ impl TelemetryWriterActor {
                 ))
                 .await?;
         }
-        let committed = generation_metrics::Entity::insert_many(
-            batch.into_iter().map(NewMetric::into_active_model),
-        )
-        .exec_with_returning(&transaction)
-        .await?;
+        // After a failed attempt the commit may have gone through with only its answer lost
+        // (a connection cut at the wrong moment): rows already there are not inserted again.
+        let mut stored = HashMap::new();
+        if state.failures > 0 {
+            let job_ids = batch.iter().map(|row| row.job_id.clone());
+            for row in generation_metrics::Entity::find()
+                .filter(generation_metrics::Column::JobId.is_in(job_ids))
+                .all(&transaction)
+                .await?
+            {
+                stored.insert(row.job_id.clone(), row);
+            }
+        }
+        let new_rows: Vec<_> = batch
+            .into_iter()
+            .filter(|row| !stored.contains_key(&row.job_id))
+            .map(NewMetric::into_active_model)
+            .collect();
+        let inserted = if new_rows.is_empty() {
+            Vec::new()
+        } else {
+            generation_metrics::Entity::insert_many(new_rows)
+                .exec_with_returning(&transaction)
+                .await?
+        };
+        rollup::add_rows(&transaction, &inserted).await?;
+        let inserted_ids: Vec<i64> = inserted.iter().map(|row| row.id).collect();
+        let mut committed = inserted;
+        committed.extend(stored.into_values());
         if backend == sea_orm::DatabaseBackend::Postgres {
             // Delivered to listeners at commit, and only if the commit succeeds.
             let announcement = Announcement {
                 instance: state.instance,
-                ids: committed.iter().map(|row| row.id).collect(),
+                ids: inserted_ids,
             };
             transaction
                 .execute_raw(Statement::from_sql_and_values(
@@ -272,12 +299,14 @@ impl TelemetryWriterActor {
         }
         transaction.commit().await?;
 
-        let senders: Vec<_> = state
-            .pending
-            .drain(..count)
-            .map(|(_, reply)| reply)
+        let mut committed: HashMap<String, generation_metrics::Model> = committed
+            .into_iter()
+            .map(|row| (row.job_id.clone(), row))
             .collect();
-        for (row, reply) in committed.into_iter().zip(senders) {
+        for (sent, reply) in state.pending.drain(..count) {
+            let Some(row) = committed.remove(&sent.job_id) else {
+                continue;
+            };
             let item = GenerationItem::from(row);
             // Publishing is awaited so that a job is never reported finished before its event
             // is out; the broadcast actor itself never waits on a client.

@@ -41,7 +41,9 @@ impl From<RowStatus> for JobStatus {
 
 /// Aggregates of a set of rows. Means of duration, throughput and VRAM count succeeded
 /// generations only and are null when none qualifies; the queue-wait mean counts every row.
-/// Percentiles are exact (nearest rank).
+/// Percentiles are nearest rank: exact when `percentiles_exact` is true, otherwise estimated
+/// from hourly and daily histograms within 1 % of the exact value (relative), and never
+/// outside the minimum and maximum.
 #[derive(Debug, Clone, Object)]
 pub struct SummaryFigures {
     /// Rows.
@@ -70,6 +72,8 @@ pub struct SummaryFigures {
     /// 99th percentile of inference time, seconds.
     #[oai(nullable)]
     pub p99_duration_seconds: Option<f64>,
+    /// Whether p50, p95 and p99 are exact rather than within 1 %.
+    pub percentiles_exact: bool,
     /// Mean outputs per second.
     #[oai(nullable)]
     pub avg_throughput: Option<f64>,
@@ -100,6 +104,7 @@ impl SummaryFigures {
             p50_duration_seconds: percentiles.p50,
             p95_duration_seconds: percentiles.p95,
             p99_duration_seconds: percentiles.p99,
+            percentiles_exact: percentiles.exact,
             avg_throughput: figures.avg_throughput,
             avg_vram_peak_mb: figures.avg_vram_peak_mb,
             avg_vram_allocated_mb: figures.avg_vram_allocated_mb,

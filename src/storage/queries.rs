@@ -1,10 +1,14 @@
 //! The telemetry endpoint's queries: one WHERE clause built from the filter, used for the
 //! page of items and for the summary over the whole filtered window.
 //!
-//! Percentiles are exact (nearest rank) and computed by the database with window functions,
-//! so nothing but the answer leaves it.
+//! The summary comes from the rollup (pre-aggregated figures per hour and per day) and the
+//! rows of the window's first partial hour; see `storage::rollup` for what it keeps and how
+//! close its percentiles are.
+
+use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+
 use sea_orm::{
     ConnectionTrait, DatabaseBackend, DbErr, EntityTrait, FromQueryResult, Statement, Value,
 };
@@ -12,7 +16,8 @@ use serde::Serialize;
 
 use crate::generation::{JobStatus, MediaType};
 use crate::storage::entities::generation_metrics;
-use crate::storage::timestamp_parameter;
+use crate::storage::rollup::{self, Cell, CellKey, CellRow, Measure};
+use crate::storage::{placeholder, timestamp_parameter};
 
 /// Which rows of `generation_metrics` a request is about.
 #[derive(Debug, Clone, Default)]
@@ -75,12 +80,14 @@ impl WhereClause {
 
     /// Adds `<lhs> <placeholder>`.
     fn push(&mut self, lhs: &str, value: Value) {
-        self.values.push(value);
-        let placeholder = match self.backend {
-            DatabaseBackend::Postgres => format!("${}", self.values.len()),
-            _ => "?".to_owned(),
-        };
+        let placeholder = self.parameter(value);
         self.conditions.push(format!("{lhs} {placeholder}"));
+    }
+
+    /// Binds the next parameter; answers its placeholder.
+    fn parameter(&mut self, value: Value) -> String {
+        self.values.push(value);
+        placeholder(self.backend, self.values.len())
     }
 
     fn sql(&self) -> String {
@@ -120,7 +127,7 @@ pub async fn list_items<C: ConnectionTrait>(
 
 /// Aggregates of a set of rows. Means of duration, throughput and memory count succeeded
 /// generations only; they are `None` when no row qualifies.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, FromQueryResult)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Figures {
     /// Rows in the set.
     pub total: i64,
@@ -148,7 +155,7 @@ pub struct Figures {
     pub avg_queue_wait_seconds: Option<f64>,
 }
 
-/// Exact nearest-rank percentiles of the inference time of succeeded generations.
+/// Nearest-rank percentiles of the inference time of succeeded generations.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Percentiles {
     /// Median.
@@ -157,6 +164,8 @@ pub struct Percentiles {
     pub p95: Option<f64>,
     /// 99th percentile.
     pub p99: Option<f64>,
+    /// Exact, or estimated within `rollup::PERCENTILE_RELATIVE_ERROR`.
+    pub exact: bool,
 }
 
 /// Figures for one group of a breakdown.
@@ -183,145 +192,221 @@ pub struct TelemetrySummary {
     pub by_device: Vec<GroupFigures>,
 }
 
-const SUCCEEDED: &str = "status = 'succeeded'";
-
-fn aggregates() -> String {
-    format!(
-        "COUNT(*) AS total, \
-         COALESCE(SUM(CASE WHEN status = 'succeeded' THEN 1 ELSE 0 END), 0) AS succeeded, \
-         COALESCE(SUM(CASE WHEN status = 'failed' THEN 1 ELSE 0 END), 0) AS failed, \
-         COALESCE(SUM(CASE WHEN status = 'cancelled' THEN 1 ELSE 0 END), 0) AS cancelled, \
-         AVG(CASE WHEN {SUCCEEDED} THEN duration_seconds END) AS avg_duration_seconds, \
-         MIN(CASE WHEN {SUCCEEDED} THEN duration_seconds END) AS min_duration_seconds, \
-         MAX(CASE WHEN {SUCCEEDED} THEN duration_seconds END) AS max_duration_seconds, \
-         AVG(CASE WHEN {SUCCEEDED} THEN throughput END) AS avg_throughput, \
-         AVG(CASE WHEN {SUCCEEDED} THEN vram_peak_mb END) AS avg_vram_peak_mb, \
-         AVG(CASE WHEN {SUCCEEDED} THEN vram_allocated_mb END) AS avg_vram_allocated_mb, \
-         AVG(CASE WHEN {SUCCEEDED} THEN vram_reserved_mb END) AS avg_vram_reserved_mb, \
-         AVG(queue_wait_seconds) AS avg_queue_wait_seconds"
-    )
+/// Rows or cells of one group, counted by status.
+#[derive(Debug, Clone)]
+struct Group {
+    total: i64,
+    failed: i64,
+    cancelled: i64,
+    queue_wait_sum: f64,
+    succeeded: Cell,
 }
 
-#[derive(Debug, FromQueryResult)]
-struct GroupRow {
-    key: String,
-    #[sea_orm(nested)]
-    figures: Figures,
+impl Default for Group {
+    fn default() -> Self {
+        Group {
+            total: 0,
+            failed: 0,
+            cancelled: 0,
+            queue_wait_sum: 0.0,
+            // A summary keeps every inference time it reads from rows: percentiles stay exact
+            // unless a cell that kept only its histogram is merged in.
+            succeeded: Cell::new(usize::MAX),
+        }
+    }
 }
 
-#[derive(Debug, FromQueryResult)]
-struct RankRow {
-    key: String,
-    rank: i64,
-    n: i64,
-    duration_seconds: f64,
+impl Group {
+    fn add(&mut self, status: &str, cell: &Cell) {
+        self.total += cell.rows();
+        self.queue_wait_sum += cell.queue_wait_sum;
+        match status {
+            "succeeded" => self.succeeded.merge(cell),
+            "failed" => self.failed += cell.rows(),
+            "cancelled" => self.cancelled += cell.rows(),
+            _ => {}
+        }
+    }
+
+    fn add_row(&mut self, row: &Measure) {
+        self.total += 1;
+        self.queue_wait_sum += row.queue_wait_seconds;
+        match row.status.as_str() {
+            "succeeded" => self.succeeded.add(row),
+            "failed" => self.failed += 1,
+            "cancelled" => self.cancelled += 1,
+            _ => {}
+        }
+    }
+
+    fn figures(&self) -> (Figures, Percentiles) {
+        let done = &self.succeeded;
+        let [p50, p95, p99] = done.durations.percentiles([50, 95, 99]);
+        (
+            Figures {
+                total: self.total,
+                succeeded: done.rows(),
+                failed: self.failed,
+                cancelled: self.cancelled,
+                avg_duration_seconds: done.durations.mean(),
+                min_duration_seconds: done.durations.min(),
+                max_duration_seconds: done.durations.max(),
+                avg_throughput: done.throughput.value(),
+                avg_vram_peak_mb: done.vram_peak.value(),
+                avg_vram_allocated_mb: done.vram_allocated.value(),
+                avg_vram_reserved_mb: done.vram_reserved.value(),
+                avg_queue_wait_seconds: (self.total > 0)
+                    .then(|| self.queue_wait_sum / self.total as f64),
+            },
+            Percentiles {
+                p50,
+                p95,
+                p99,
+                exact: done.durations.exact(),
+            },
+        )
+    }
+}
+
+/// The whole set, and the same by model and by device.
+#[derive(Debug, Default)]
+struct Breakdown {
+    all: Group,
+    by_model: BTreeMap<String, Group>,
+    by_device: BTreeMap<String, Group>,
+}
+
+impl Breakdown {
+    fn groups(&mut self, model: &str, device: &str) -> [&mut Group; 3] {
+        let by_model = self.by_model.entry(model.to_owned()).or_default();
+        let by_device = self.by_device.entry(device.to_owned()).or_default();
+        [&mut self.all, by_model, by_device]
+    }
+
+    fn add_row(&mut self, row: &Measure) {
+        for group in self.groups(&row.model_name, &row.device) {
+            group.add_row(row);
+        }
+    }
+
+    fn add_cell(&mut self, key: &CellKey, cell: &Cell) {
+        for group in self.groups(&key.model_name, &key.device) {
+            group.add(&key.status, cell);
+        }
+    }
+
+    fn summary(self) -> TelemetrySummary {
+        let (figures, percentiles) = self.all.figures();
+        let list = |groups: BTreeMap<String, Group>| -> Vec<GroupFigures> {
+            groups
+                .into_iter()
+                .map(|(key, group)| {
+                    let (figures, percentiles) = group.figures();
+                    GroupFigures {
+                        key,
+                        figures,
+                        percentiles,
+                    }
+                })
+                .collect()
+        };
+        TelemetrySummary {
+            figures,
+            percentiles,
+            by_model: list(self.by_model),
+            by_device: list(self.by_device),
+        }
+    }
 }
 
 /// Summarises every row that matches `filter`.
-// FIXME: every request recomputes the summary from the rows (seven statements, three of them
-// sorting the window for exact percentiles). Over a 60-minute window that is milliseconds; with
-// no window on a million rows it takes seconds (see benches/telemetry-endpoint). Pre-aggregated
-// figures maintained by the writer (per minute, model, device and status, with a duration
-// histogram) would bound it.
+///
+/// Windows are read from the rollup where its cells can answer: whole days, then whole hours,
+/// then the rows of the window's first partial hour. A filter on user or persona (not kept in
+/// the rollup), or a rollup that does not account for every change to the table, reads the
+/// rows instead.
 pub async fn summarize<C: ConnectionTrait>(
     db: &C,
     filter: &TelemetryFilter,
 ) -> Result<TelemetrySummary, DbErr> {
     let backend = db.get_database_backend();
-    let clause = WhereClause::from_filter(backend, filter);
-    let where_sql = clause.sql();
-
-    let figures = Figures::find_by_statement(clause.statement(format!(
-        "SELECT {} FROM generation_metrics {where_sql}",
-        aggregates()
-    )))
-    .one(db)
-    .await?
-    .unwrap_or_default();
-
-    let mut by_model = Vec::new();
-    let mut by_device = Vec::new();
-    for (column, groups) in [("model_name", &mut by_model), ("device", &mut by_device)] {
-        let rows = GroupRow::find_by_statement(clause.statement(format!(
-            "SELECT {column} AS key, {} FROM generation_metrics {where_sql} \
-             GROUP BY {column} ORDER BY {column}",
-            aggregates()
-        )))
-        .all(db)
-        .await?;
-        let ranks = percentiles_by(db, &clause, column).await?;
-        *groups = rows
-            .into_iter()
-            .map(|row| GroupFigures {
-                percentiles: ranks
-                    .iter()
-                    .find(|(key, _)| key == &row.key)
-                    .map(|(_, p)| *p)
-                    .unwrap_or_default(),
-                key: row.key,
-                figures: row.figures,
-            })
-            .collect();
+    let mut breakdown = Breakdown::default();
+    let by_rows = filter.user_id.is_some() || filter.persona_id.is_some();
+    if by_rows || !rollup::is_current(db).await? {
+        let clause = WhereClause::from_filter(backend, filter);
+        add_rows(db, &mut breakdown, clause).await?;
+        return Ok(breakdown.summary());
     }
-    let percentiles = percentiles_by(db, &clause, "'all'")
-        .await?
-        .into_iter()
-        .next()
-        .map(|(_, p)| p)
-        .unwrap_or_default();
 
-    Ok(TelemetrySummary {
-        figures,
-        percentiles,
-        by_model,
-        by_device,
-    })
+    // Cells hold [bucket_start, bucket_start + span). The window [since, now] splits into the
+    // rows of [since, first hour), the hour cells of [first hour, first day), and the day cells
+    // from the first day on (the last ones still filling).
+    let (first_hour, first_day) = match filter.since {
+        Some(since) => {
+            let first_hour = ceil_to(since, rollup::HOUR);
+            let mut clause = WhereClause::from_filter(backend, filter);
+            let edge = DateTime::from_timestamp(first_hour, 0).unwrap_or(since);
+            clause.push("created_at <", timestamp_parameter(backend, edge));
+            add_rows(db, &mut breakdown, clause).await?;
+            (first_hour, ceil_to(since, rollup::DAY))
+        }
+        None => (i64::MIN, i64::MIN),
+    };
+    let mut clause = WhereClause::from_filter(
+        backend,
+        &TelemetryFilter {
+            since: None,
+            ..filter.clone()
+        },
+    );
+    let condition = format!(
+        "((span_seconds = {} AND bucket_start >= {} AND bucket_start < {}) \
+          OR (span_seconds = {} AND bucket_start >= {}))",
+        clause.parameter(Value::from(rollup::HOUR as i32)),
+        clause.parameter(Value::from(first_hour)),
+        clause.parameter(Value::from(first_day)),
+        clause.parameter(Value::from(rollup::DAY as i32)),
+        clause.parameter(Value::from(first_day)),
+    );
+    clause.conditions.push(condition);
+    let sql = format!("SELECT * FROM generation_metrics_rollup {}", clause.sql());
+    for row in CellRow::find_by_statement(clause.statement(sql))
+        .all(db)
+        .await?
+    {
+        let (key, cell) = row.into_cell();
+        breakdown.add_cell(&key, &cell);
+    }
+    Ok(breakdown.summary())
 }
 
-/// Nearest-rank p50, p95 and p99 of succeeded inference times, per value of `group`.
-async fn percentiles_by<C: ConnectionTrait>(
+/// Adds every row that matches `clause`.
+async fn add_rows<C: ConnectionTrait>(
     db: &C,
-    clause: &WhereClause,
-    group: &str,
-) -> Result<Vec<(String, Percentiles)>, DbErr> {
-    let where_sql = if clause.conditions.is_empty() {
-        format!("WHERE {SUCCEEDED}")
-    } else {
-        format!("{} AND {SUCCEEDED}", clause.sql())
-    };
-    // Ranks wanted: ceil(p * n) for p = 0.5, 0.95, 0.99, in integer arithmetic.
+    breakdown: &mut Breakdown,
+    clause: WhereClause,
+) -> Result<(), DbErr> {
     let sql = format!(
-        "SELECT key, rank, n, duration_seconds FROM ( \
-           SELECT {group} AS key, duration_seconds, \
-             ROW_NUMBER() OVER (PARTITION BY {group} ORDER BY duration_seconds) AS rank, \
-             COUNT(*) OVER (PARTITION BY {group}) AS n \
-           FROM generation_metrics {} ) ranked \
-         WHERE rank = (n + 1) / 2 OR rank = (95 * n + 99) / 100 OR rank = (99 * n + 99) / 100",
-        where_sql
+        "SELECT {} FROM generation_metrics {}",
+        rollup::MEASURE_COLUMNS,
+        clause.sql()
     );
-    let rows = RankRow::find_by_statement(clause.statement(sql))
+    for row in Measure::find_by_statement(clause.statement(sql))
         .all(db)
-        .await?;
-
-    let mut out: Vec<(String, Percentiles)> = Vec::new();
-    for row in rows {
-        let index = match out.iter().position(|(key, _)| key == &row.key) {
-            Some(index) => index,
-            None => {
-                out.push((row.key.clone(), Percentiles::default()));
-                out.len() - 1
-            }
-        };
-        let p = &mut out[index].1;
-        if row.rank == (row.n + 1) / 2 {
-            p.p50 = Some(row.duration_seconds);
-        }
-        if row.rank == (95 * row.n + 99) / 100 {
-            p.p95 = Some(row.duration_seconds);
-        }
-        if row.rank == (99 * row.n + 99) / 100 {
-            p.p99 = Some(row.duration_seconds);
-        }
+        .await?
+    {
+        breakdown.add_row(&row);
     }
-    Ok(out)
+    Ok(())
+}
+
+/// The first multiple of `span` seconds since the epoch at or after `at`.
+fn ceil_to(at: DateTime<Utc>, span: i64) -> i64 {
+    let seconds = at.timestamp();
+    let floor = seconds.div_euclid(span) * span;
+    if floor == seconds && at.timestamp_subsec_nanos() == 0 {
+        floor
+    } else {
+        floor + span
+    }
 }

@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, Statement};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, Statement, TransactionTrait};
 
-use crate::storage::timestamp_parameter;
+use crate::storage::{placeholder, rollup, timestamp_parameter};
 
 /// Rows deleted per statement.
 pub const PURGE_BATCH: u64 = 5_000;
@@ -51,26 +51,34 @@ pub async fn purge_older_than(
     );
     let mut removed = 0;
     loop {
-        let result = db
+        // The rollup accounts for the rows at once; their periods' cells are dropped or
+        // recounted at the end, so until then summaries still include what this run removes.
+        let transaction = db.begin().await?;
+        let result = transaction
             .execute_raw(Statement::from_sql_and_values(
                 backend,
                 sql.clone(),
                 [timestamp_parameter(backend, cutoff)],
             ))
             .await?;
+        rollup::account(&transaction, result.rows_affected() as i64).await?;
+        transaction.commit().await?;
         removed += result.rows_affected();
         if result.rows_affected() < batch {
-            return Ok(removed);
+            break;
         }
         tokio::time::sleep(PAUSE_BETWEEN_BATCHES).await;
     }
+    rollup::forget_before(db, cutoff).await?;
+    Ok(removed)
 }
 
-/// Purges rows older than `retention` now and then every `period`, logging each run, until
-/// `stop` changes.
+/// Keeps the table in shape now and then every `period` until `stop` changes: purges rows
+/// older than `retention` (when set), rebuilds the rollup if something else changed the table,
+/// and refreshes SQLite's statistics. Each step logs what it did.
 pub async fn run_schedule(
     db: DatabaseConnection,
-    retention: Duration,
+    retention: Option<Duration>,
     period: Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -80,22 +88,18 @@ pub async fn run_schedule(
             _ = ticks.tick() => {}
             _ = stop.changed() => return,
         }
-        let cutoff = Utc::now() - retention;
-        match purge_older_than(&db, cutoff, PURGE_BATCH).await {
-            Ok(removed) => tracing::info!(removed, cutoff = %cutoff, "retention purge"),
-            Err(error) => {
-                tracing::warn!(error = %error, "retention purge failed; retrying next period")
+        if let Some(retention) = retention {
+            let cutoff = Utc::now() - retention;
+            match purge_older_than(&db, cutoff, PURGE_BATCH).await {
+                Ok(removed) => tracing::info!(removed, cutoff = %cutoff, "retention purge"),
+                Err(error) => {
+                    tracing::warn!(error = %error, "retention purge failed; retrying next period")
+                }
             }
         }
+        rollup::catch_up(&db).await;
         if let Err(error) = crate::storage::optimize(&db).await {
             tracing::warn!(error = %error, "refreshing table statistics failed");
         }
-    }
-}
-
-fn placeholder(backend: sea_orm::DatabaseBackend, index: usize) -> String {
-    match backend {
-        sea_orm::DatabaseBackend::Postgres => format!("${index}"),
-        _ => "?".to_owned(),
     }
 }

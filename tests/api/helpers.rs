@@ -152,14 +152,7 @@ impl TestApp {
 
     /// Submits a job with the operator token; answers its id.
     pub async fn submit(&self, body: Value) -> String {
-        let response = self
-            .client
-            .post(format!("{}/api/jobs", self.base_url))
-            .bearer_auth(&self.token)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let response = self.submit_response(&body).await;
         assert_eq!(
             response.status(),
             202,
@@ -168,6 +161,17 @@ impl TestApp {
         );
         let accepted: Value = response.json().await.unwrap();
         accepted["job_id"].as_str().unwrap().to_owned()
+    }
+
+    /// The raw answer to a job submitted with the operator token.
+    pub async fn submit_response(&self, body: &Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}/api/jobs", self.base_url))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
     }
 
     /// Reads a job with the operator token.

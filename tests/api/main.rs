@@ -11,6 +11,8 @@ mod jobs;
 mod measurement;
 mod metrics;
 mod openapi;
+mod outage;
+mod rollup;
 mod storage;
 mod telemetry;
 mod websocket;

@@ -108,14 +108,14 @@ async fn a_purge_running_while_50_writers_insert_loses_no_row_inside_the_window(
     } else {
         "strftime('%Y-%m-%d %H:%M:%f', 'now', '-40 days')"
     };
-    for _ in 0..3000 {
+    for n in 0..3000 {
         app.db
             .execute_raw(Statement::from_string(
                 backend,
                 format!(
                     "INSERT INTO generation_metrics (job_id, user_id, media_type, model_name, prompt, outputs, \
                      duration_seconds, extra, created_at, status, device, queue_wait_seconds, host) \
-                     VALUES ('old', 'u', 'image', 'm', 'p', 1, 1.0, '{{}}', {old}, 'succeeded', 'cpu', 0, 'h')"
+                     VALUES ('old-{n}', 'old', 'image', 'm', 'p', 1, 1.0, '{{}}', {old}, 'succeeded', 'cpu', 0, 'h')"
                 ),
             ))
             .await
@@ -163,7 +163,7 @@ async fn a_purge_running_while_50_writers_insert_loses_no_row_inside_the_window(
             .unwrap()
         }
     };
-    assert_eq!(count("job_id = 'old'").await, 0);
+    assert_eq!(count("user_id = 'old'").await, 0);
     assert_eq!(
         count("user_id = 'writer'").await,
         2000,
