@@ -38,6 +38,7 @@ pub struct Application {
     metrics_address: Option<String>,
     retention_days: u32,
     instance: uuid::Uuid,
+    host: String,
 }
 
 impl Application {
@@ -120,6 +121,7 @@ impl Application {
             metrics_address: settings.metrics_address.clone(),
             retention_days: settings.retention_days,
             instance,
+            host: settings.host(),
             shutdown,
         })
     }
@@ -166,6 +168,7 @@ impl Application {
             tokio::spawn(notify::relay_other_instances(
                 self.state.db.clone(),
                 self.instance,
+                self.host.clone(),
                 self.state.runtime.broadcast.clone(),
                 self.state.shutdown.clone(),
             ));

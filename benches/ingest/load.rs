@@ -40,7 +40,12 @@ fn metric(method: &str, n: usize) -> NewMetric {
         job_id: format!("{method}-{n}"),
         user_id: format!("user-{}", n % 60),
         persona_id: Some(format!("persona-{}", n % 120)),
-        media_type: if n.is_multiple_of(5) { "video" } else { "image" }.to_owned(),
+        media_type: if n.is_multiple_of(5) {
+            "video"
+        } else {
+            "image"
+        }
+        .to_owned(),
         model_name: ["sdxl-base-1.0", "flux-1-schnell", "svd-xt-1.1"][n % 3].to_owned(),
         prompt: "a lighthouse, watercolor".to_owned(),
         outputs: 1,

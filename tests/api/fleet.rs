@@ -5,10 +5,13 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::Value;
-use tokio_tungstenite::connect_async;
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
 
-use crate::helpers::{AppOptions, fresh_database, get_json, small_image, spawn_app_with};
+use crate::helpers::{
+    AppOptions, CuttableProxy, fresh_database, get_json, small_image, spawn_app_with,
+};
 
 #[tokio::test]
 async fn two_instances_on_one_database_see_each_others_rows_and_events() {
@@ -44,19 +47,10 @@ async fn two_instances_on_one_database_see_each_others_rows_and_events() {
         (&mut on_b, &from_a, "host-a"),
         (&mut on_a, &from_b, "host-b"),
     ] {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         let event = loop {
-            let message = tokio::time::timeout(Duration::from_secs(30), socket.next())
-                .await
-                .expect("the other host's row arrives")
-                .unwrap()
-                .unwrap();
-            let Message::Text(text) = message else {
-                continue;
-            };
-            let event: Value = serde_json::from_str(&text).unwrap();
-            if event["type"] == "telemetry.generation"
-                && event["data"]["job_id"] == other_job.as_str()
-            {
+            let event = next_generation(socket, deadline).await;
+            if event["data"]["job_id"] == other_job.as_str() {
                 break event;
             }
         };
@@ -75,6 +69,91 @@ async fn two_instances_on_one_database_see_each_others_rows_and_events() {
     }
     a.stop().await;
     b.stop().await;
+}
+
+#[tokio::test]
+async fn rows_another_host_commits_while_the_listener_is_cut_still_reach_the_channel_once() {
+    let Some(shared) = fresh_database().await else {
+        // Needs SEIDRA_TEST_POSTGRES_URL: several hosts share a PostgreSQL database.
+        return;
+    };
+    let direct = reqwest::Url::parse(&shared).unwrap();
+    let mut proxy = CuttableProxy::start(format!(
+        "{}:{}",
+        direct.host_str().unwrap(),
+        direct.port().unwrap_or(5432)
+    ))
+    .await;
+    let mut through_proxy = direct.clone();
+    through_proxy.set_host(Some("127.0.0.1")).unwrap();
+    through_proxy.set_port(Some(proxy.address.port())).unwrap();
+    let a = spawn_app_with(AppOptions {
+        database_url: Some(shared),
+        host_name: "host-a".to_owned(),
+        ..AppOptions::default()
+    })
+    .await;
+    let b = spawn_app_with(AppOptions {
+        database_url: Some(through_proxy.to_string()),
+        host_name: "host-b".to_owned(),
+        ..AppOptions::default()
+    })
+    .await;
+    let (mut on_b, _) = connect_async(format!("{}?token={}", b.ws_url, b.token))
+        .await
+        .unwrap();
+    let deadline = || tokio::time::Instant::now() + Duration::from_secs(30);
+    // B listens once it relays a row of A's.
+    let before = a.submit(small_image(1)).await;
+    a.wait_for_job(&before).await;
+    assert_eq!(
+        next_generation(&mut on_b, deadline()).await["data"]["job_id"],
+        before.as_str()
+    );
+
+    // B's connections to the database, its listener's among them, are cut while A commits.
+    proxy.cut().await;
+    let missed = a.submit(small_image(2)).await;
+    a.wait_for_job(&missed).await;
+    proxy.restore();
+    let after = a.submit(small_image(3)).await;
+    a.wait_for_job(&after).await;
+
+    let mut seen = Vec::new();
+    let until = deadline();
+    while !seen.contains(&after) {
+        let event = next_generation(&mut on_b, until).await;
+        seen.push(event["data"]["job_id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(
+        seen,
+        [missed, after],
+        "the row committed during the cut is published once, before the later one"
+    );
+    a.stop().await;
+    b.stop().await;
+    proxy.stop();
+}
+
+/// The next `telemetry.generation` event on `socket`, before `deadline`.
+async fn next_generation(
+    socket: &mut WebSocketStream<MaybeTlsStream<TcpStream>>,
+    deadline: tokio::time::Instant,
+) -> Value {
+    loop {
+        let message = tokio::time::timeout_at(deadline, socket.next())
+            .await
+            .expect("another host's row reaches the channel in time")
+            .unwrap()
+            .unwrap();
+        let Message::Text(text) = message else {
+            continue;
+        };
+        let event: Value = serde_json::from_str(&text).unwrap();
+        if event["type"] == "telemetry.generation" {
+            return event;
+        }
+    }
 }
 
 struct Service {

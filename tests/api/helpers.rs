@@ -3,7 +3,9 @@
 //! Every app gets its own data directory and database: an SQLite file by default, or a fresh
 //! database on the PostgreSQL server named by `SEIDRA_TEST_POSTGRES_URL`.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
@@ -15,7 +17,9 @@ use seidra::logging::LogFormat;
 use seidra::settings::Settings;
 use serde_json::{Value, json};
 use tempfile::TempDir;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
 /// A running service and what a test needs to talk to it.
 pub struct TestApp {
@@ -250,4 +254,78 @@ pub fn small_image(seed: u64) -> Value {
 /// A small, fast video job.
 pub fn small_video(seed: u64) -> Value {
     json!({"media_type": "video", "prompt": "a small test video", "width": 32, "height": 32, "steps": 2, "frames": 3, "fps": 6, "seed": seed})
+}
+
+/// A TCP proxy in front of a server. Cut, it closes every connection it carries and drops new
+/// ones as soon as they are accepted; restored, it forwards again.
+pub struct CuttableProxy {
+    /// Where clients connect.
+    pub address: SocketAddr,
+    state: Arc<Mutex<ProxyState>>,
+    accepting: JoinHandle<()>,
+}
+
+struct ProxyState {
+    open: bool,
+    connections: Vec<JoinHandle<()>>,
+}
+
+impl CuttableProxy {
+    /// Forwards connections to `server` (`host:port`).
+    pub async fn start(server: String) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(ProxyState {
+            open: true,
+            connections: Vec::new(),
+        }));
+        let shared = state.clone();
+        let accepting = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                // Deciding and registering under one lock: a cut never misses a connection.
+                let mut state = shared.lock().unwrap();
+                if !state.open {
+                    drop(client);
+                    continue;
+                }
+                let server = server.clone();
+                state.connections.push(tokio::spawn(async move {
+                    if let Ok(mut server) = TcpStream::connect(server).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                }));
+            }
+        });
+        CuttableProxy {
+            address,
+            state,
+            accepting,
+        }
+    }
+
+    /// Stops accepting connections.
+    pub fn stop(self) {
+        self.accepting.abort();
+    }
+}
+
+impl CuttableProxy {
+    /// Closes every connection it carries and drops new ones.
+    pub async fn cut(&mut self) {
+        let connections = {
+            let mut state = self.state.lock().unwrap();
+            state.open = false;
+            std::mem::take(&mut state.connections)
+        };
+        // Aborting a forwarding task drops both of its sockets, which closes them.
+        for connection in connections {
+            connection.abort();
+            let _ = connection.await;
+        }
+    }
+
+    /// Forwards new connections again.
+    pub fn restore(&mut self) {
+        self.state.lock().unwrap().open = true;
+    }
 }

@@ -6,9 +6,8 @@
 //! database is back every accepted job has exactly one row, checked in the database itself.
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -17,12 +16,12 @@ use sea_orm::sqlx::sqlite::SqliteConnectOptions;
 use sea_orm::sqlx::{Connection, Executor, SqliteConnection};
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement};
 use serde_json::Value;
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::helpers::{AppOptions, TestApp, fresh_database, small_image, spawn_app_with};
+use crate::helpers::{
+    AppOptions, CuttableProxy, TestApp, fresh_database, small_image, spawn_app_with,
+};
 
 /// Jobs waiting to be run or recorded beyond which the service refuses new ones.
 const MAX_PENDING_JOBS: usize = 8;
@@ -114,72 +113,13 @@ trait Outage {
     async fn end(&mut self);
 }
 
-/// A TCP proxy in front of a server. Cut, it closes every connection it carries and drops new
-/// ones as soon as they are accepted; restored, it forwards again.
-struct CuttableProxy {
-    address: SocketAddr,
-    state: Arc<Mutex<ProxyState>>,
-    accepting: JoinHandle<()>,
-}
-
-struct ProxyState {
-    open: bool,
-    connections: Vec<JoinHandle<()>>,
-}
-
-impl CuttableProxy {
-    async fn start(server: String) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let state = Arc::new(Mutex::new(ProxyState {
-            open: true,
-            connections: Vec::new(),
-        }));
-        let shared = state.clone();
-        let accepting = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                // Deciding and registering under one lock: a cut never misses a connection.
-                let mut state = shared.lock().unwrap();
-                if !state.open {
-                    drop(client);
-                    continue;
-                }
-                let server = server.clone();
-                state.connections.push(tokio::spawn(async move {
-                    if let Ok(mut server) = TcpStream::connect(server).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    }
-                }));
-            }
-        });
-        CuttableProxy {
-            address,
-            state,
-            accepting,
-        }
-    }
-
-    fn stop(self) {
-        self.accepting.abort();
-    }
-}
-
 impl Outage for CuttableProxy {
     async fn begin(&mut self) {
-        let connections = {
-            let mut state = self.state.lock().unwrap();
-            state.open = false;
-            std::mem::take(&mut state.connections)
-        };
-        // Aborting a forwarding task drops both of its sockets, which closes them.
-        for connection in connections {
-            connection.abort();
-            let _ = connection.await;
-        }
+        self.cut().await;
     }
 
     async fn end(&mut self) {
-        self.state.lock().unwrap().open = true;
+        self.restore();
     }
 }
 
