@@ -5,6 +5,7 @@ pub mod allow;
 pub mod auth;
 pub mod errors;
 pub mod jobs;
+pub mod memo;
 pub mod metrics;
 pub mod telemetry;
 pub mod websocket;
@@ -34,6 +35,8 @@ pub struct AppState {
     pub shutdown: watch::Receiver<bool>,
     /// Prometheus metrics.
     pub metrics: crate::metrics::Metrics,
+    /// Telemetry endpoint answers kept while they stay exact.
+    pub answers: std::sync::Arc<memo::Answers<telemetry::TelemetryResponse>>,
 }
 
 /// Groups of operations in the document.

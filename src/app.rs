@@ -20,6 +20,7 @@ use crate::actors::{Runtime, RuntimeFactory, RuntimeSettings, RuntimeSupervisor}
 use crate::api::allow::AllowedMethods;
 use crate::api::auth::{AuthKeys, load_or_create_secret};
 use crate::api::errors::to_json_error;
+use crate::api::memo::Answers;
 use crate::api::{AppState, metrics, openapi_service, websocket};
 use crate::metrics::Metrics;
 use crate::settings::Settings;
@@ -117,6 +118,7 @@ impl Application {
                 output_dir: settings.output_dir(),
                 shutdown: shutdown_rx,
                 metrics,
+                answers: Arc::new(Answers::new(settings.telemetry_cache_size)),
             },
             metrics_address: settings.metrics_address.clone(),
             retention_days: settings.retention_days,

@@ -15,9 +15,12 @@
 #   4. the statements the service ran for each scenario (read from that log), with their
 #      plans (EXPLAIN QUERY PLAN through apsw, the service's SQLite version; EXPLAIN (ANALYZE,
 #      BUFFERS) of the prepared statement in psql) and BENCH_RUNS timed runs of each;
-#   5. per scenario, a fresh service, one warm-up request, then wrk: BENCH_CONNECTIONS (32)
-#      connections, BENCH_THREADS (2) threads, BENCH_DURATION (20s), --latency,
-#      --timeout BENCH_TIMEOUT (60s, so slow answers count as latency, not as errors).
+#   5. per scenario and answer mode (BENCH_ANSWERS, default "kept built"), a fresh service,
+#      one warm-up request, then wrk: BENCH_CONNECTIONS (32) connections, BENCH_THREADS (2)
+#      threads, BENCH_DURATION (20s), --latency, --timeout BENCH_TIMEOUT (60s, so slow
+#      answers count as latency, not as errors). `kept`: the service's default, answers sent
+#      again while nothing they depend on changed (nothing commits during the bench);
+#      `built`: SEIDRA_TELEMETRY_CACHE_SIZE=0, every request builds its answer.
 # Scenarios: ?minutes=60, ?minutes=1440&media_type=video, and no window (no parameter).
 # Targets (the issue): p99 < 10 ms for ?minutes=60, p99 < 50 ms without a window.
 #
@@ -55,6 +58,7 @@ export PGOPTIONS="${PGOPTIONS:-} -c client_min_messages=warning"
 # would delete the oldest few at start. Keep them all (BENCH_RETENTION_DAYS=30 to purge).
 export SEIDRA_RETENTION_DAYS=${BENCH_RETENTION_DAYS:-0}
 scenarios=("minutes=60" "minutes=1440&media_type=video" "")
+answer_modes=${BENCH_ANSWERS:-kept built}
 
 install() {
   local need=()
@@ -187,10 +191,10 @@ bench_backend() {
 
   # 3. Single requests (and, on SQLite, the time of each statement inside the service).
   local token scenario uri
-  SEIDRA_LOG_FILE=$results/serve-single.log RUST_LOG=info,sqlx::query=debug \
+  SEIDRA_TELEMETRY_CACHE_SIZE=0 SEIDRA_LOG_FILE=$results/serve-single.log RUST_LOG=info,sqlx::query=debug \
     start_service "$data" --log-format json || return 1
   token=$(seidra_token "$data")
-  echo "-- single requests (curl, one warm-up then $single timed, seconds)" | tee "$results/single.txt"
+  echo "-- single requests, each answer built (curl, one warm-up then $single timed, seconds)" | tee "$results/single.txt"
   for scenario in "${scenarios[@]}"; do
     uri=$(uri_of "$scenario")
     curl -sf -H "Authorization: Bearer $token" "$SEIDRA_URL$uri" \
@@ -236,32 +240,40 @@ bench_backend() {
     fi
   done 2>&1 | tee "$results/plans.txt"
 
-  # 5. wrk, one fresh service per scenario.
+  # 5. wrk, one fresh service per scenario and answer mode: `kept` (the default: answers are
+  # sent again while the table, the recent buffer and the window's rows stay the same, which
+  # they do here as nothing commits) and `built` (SEIDRA_TELEMETRY_CACHE_SIZE=0: every
+  # request builds its answer, as when rows commit between any two requests).
   local summary=$results/summary.txt
-  printf '%-34s %10s %10s %10s %10s %9s %8s %8s\n' "scenario ($backend)" "req/s" "p50 ms" "p99 ms" "max ms" "requests" "errors" "bg cpu%" > "$summary"
+  printf '%-40s %10s %10s %10s %10s %9s %8s %8s\n' "scenario ($backend)" "req/s" "p50 ms" "p99 ms" "max ms" "requests" "errors" "bg cpu%" > "$summary"
   for scenario in "${scenarios[@]}"; do
-    SEIDRA_LOG_FILE=$results/serve-wrk.log RUST_LOG=warn start_service "$data" || return 1
-    token=$(seidra_token "$data")
-    uri=$(uri_of "$scenario")
-    curl -sf -o /dev/null -H "Authorization: Bearer $token" "$SEIDRA_URL$uri" || return 1
-    local wrk_out
-    wrk_out=$results/wrk-$(label "$scenario" | tr -c 'a-z0-9\n' '_').txt
-    local background
-    background=$(cpu_busy_pct 3)
-    echo
-    log "machine CPU busy before the run (service idle): $background % (load average $(cut -d' ' -f1-3 /proc/loadavg))"
-    log "wrk -t$threads -c$connections -d$duration --latency --timeout $wrk_timeout $(label "$scenario")"
-    wrk -t"$threads" -c"$connections" -d"$duration" --latency --timeout "$wrk_timeout" \
-      -H "Authorization: Bearer $token" "$SEIDRA_URL$uri" | tee "$wrk_out"
-    seidra_stop
-    local rps p50 p99 max requests errors
-    rps=$(awk '/^Requests\/sec:/ { print $2 }' "$wrk_out")
-    p50=$(to_ms "$(awk '$1 == "50%" { print $2 }' "$wrk_out")")
-    p99=$(to_ms "$(awk '$1 == "99%" { print $2 }' "$wrk_out")")
-    max=$(to_ms "$(awk '$1 == "Latency" && NF >= 4 { print $4 }' "$wrk_out")")
-    requests=$(awk '/requests in/ { print $1 }' "$wrk_out")
-    errors=$(awk '/Socket errors:/ { gsub(",", ""); e += $4 + $6 + $8 + $10 } /Non-2xx/ { e += $NF } END { print e + 0 }' "$wrk_out")
-    printf '%-34s %10s %10s %10s %10s %9s %8s %8s\n' "$(label "$scenario")" "${rps:--}" "$p50" "$p99" "$max" "${requests:-0}" "${errors:-0}" "$background" >> "$summary"
+    for mode in $answer_modes; do
+      local cache_size=64
+      [ "$mode" = built ] && cache_size=0
+      SEIDRA_TELEMETRY_CACHE_SIZE=$cache_size SEIDRA_LOG_FILE=$results/serve-wrk.log RUST_LOG=warn \
+        start_service "$data" || return 1
+      token=$(seidra_token "$data")
+      uri=$(uri_of "$scenario")
+      curl -sf -o /dev/null -H "Authorization: Bearer $token" "$SEIDRA_URL$uri" || return 1
+      local wrk_out
+      wrk_out=$results/wrk-$(label "$scenario" | tr -c 'a-z0-9\n' '_')-$mode.txt
+      local background
+      background=$(cpu_busy_pct 3)
+      echo
+      log "machine CPU busy before the run (service idle): $background % (load average $(cut -d' ' -f1-3 /proc/loadavg))"
+      log "wrk -t$threads -c$connections -d$duration --latency --timeout $wrk_timeout $(label "$scenario"), answers $mode"
+      wrk -t"$threads" -c"$connections" -d"$duration" --latency --timeout "$wrk_timeout" \
+        -H "Authorization: Bearer $token" "$SEIDRA_URL$uri" | tee "$wrk_out"
+      seidra_stop
+      local rps p50 p99 max requests errors
+      rps=$(awk '/^Requests\/sec:/ { print $2 }' "$wrk_out")
+      p50=$(to_ms "$(awk '$1 == "50%" { print $2 }' "$wrk_out")")
+      p99=$(to_ms "$(awk '$1 == "99%" { print $2 }' "$wrk_out")")
+      max=$(to_ms "$(awk '$1 == "Latency" && NF >= 4 { print $4 }' "$wrk_out")")
+      requests=$(awk '/requests in/ { print $1 }' "$wrk_out")
+      errors=$(awk '/Socket errors:/ { gsub(",", ""); e += $4 + $6 + $8 + $10 } /Non-2xx/ { e += $NF } END { print e + 0 }' "$wrk_out")
+      printf '%-40s %10s %10s %10s %10s %9s %8s %8s\n' "$(label "$scenario") $mode" "${rps:--}" "$p50" "$p99" "$max" "${requests:-0}" "${errors:-0}" "$background" >> "$summary"
+    done
   done
   echo
   cat "$summary"

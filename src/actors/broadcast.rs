@@ -55,6 +55,9 @@ pub enum BroadcastMessage {
     },
     /// The recent `telemetry.generation` messages, oldest first.
     GetRecent(RpcReplyPort<Vec<EventEnvelope>>),
+    /// The sequence number of the newest recent message (0 when there is none): the recent
+    /// messages are the same as long as it is.
+    GetRecentSeq(RpcReplyPort<u64>),
 }
 
 /// Spawn arguments of the BroadcastActor.
@@ -144,6 +147,9 @@ impl Actor for BroadcastActor {
             }
             BroadcastMessage::GetRecent(reply) => {
                 let _ = reply.send(state.recent.iter().cloned().collect());
+            }
+            BroadcastMessage::GetRecentSeq(reply) => {
+                let _ = reply.send(state.recent.back().map_or(0, |event| event.seq));
             }
         }
         Ok(())

@@ -1,20 +1,23 @@
 //! `GET /api/system/telemetry/generation`: the newest measurements, a summary of the whole
 //! filtered window, and the buffer of recent events.
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use poem::web::Data;
 use poem_openapi::param::Query;
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Enum, Object, OpenApi};
 use ractor::rpc::CallResult;
+use sea_orm::DbErr;
 
 use crate::actors::BroadcastMessage;
 use crate::api::auth::BearerAuth;
 use crate::api::errors::ErrorBody;
+use crate::api::memo::{self, JsonBytes, Question, Window};
 use crate::api::{ApiTags, AppState};
 use crate::events::{EventEnvelope, GenerationItem};
 use crate::generation::{JobStatus, MediaType};
 use crate::storage::queries::{self, Figures, GroupFigures, Percentiles};
+use crate::storage::rollup;
 use crate::storage::{TelemetryFilter, TelemetrySummary};
 
 /// How a measured generation ended.
@@ -176,11 +179,10 @@ pub struct TelemetryResponse {
 }
 
 #[derive(ApiResponse)]
-#[allow(clippy::large_enum_variant)] // built once per request
 enum GenerationTelemetryResponse {
     /// Items, summary and recent events.
     #[oai(status = 200)]
-    Ok(Json<TelemetryResponse>),
+    Ok(JsonBytes<TelemetryResponse>),
     /// A parameter is invalid; the message names it.
     #[oai(status = 400)]
     #[allow(dead_code)] // answered by parameter parsing; listed for the document
@@ -244,50 +246,129 @@ impl TelemetryApi {
                 "this route needs a token with the operator role",
             ));
         }
-        let filter = TelemetryFilter {
-            since: minutes
-                .0
-                .map(|m| Utc::now() - chrono::Duration::minutes(i64::from(m))),
+        let since = minutes
+            .0
+            .map(|m| Utc::now() - chrono::Duration::minutes(i64::from(m)));
+        let question = Question {
+            limit: limit.0,
+            minutes: minutes.0,
             media_type: media_type.0,
             model_name: model_name.0,
             user_id: user_id.0,
             persona_id: persona_id.0,
             device: device.0,
             status: status.0.map(JobStatus::from),
+            before: before.0,
         };
-        let items = queries::list_items(&state.db, &filter, before.0, limit.0).await;
-        let summary = queries::summarize(&state.db, &filter).await;
-        let (items, summary) = match (items, summary) {
-            (Ok(items), Ok(summary)) => (items, summary),
-            (Err(error), _) | (_, Err(error)) => {
+        match answer(&state, question, since).await {
+            Ok(answer) => GenerationTelemetryResponse::Ok(answer),
+            Err(error) => {
                 tracing::warn!(error = %error, "telemetry query failed");
-                return GenerationTelemetryResponse::Unavailable(ErrorBody::new(
+                GenerationTelemetryResponse::Unavailable(ErrorBody::new(
                     "unavailable",
                     "the telemetry database cannot be read right now",
-                ));
+                ))
             }
+        }
+    }
+}
+
+/// The answer to `question` for a window starting at `since`: the kept one while it holds,
+/// otherwise built (and kept).
+async fn answer(
+    state: &AppState,
+    question: Question,
+    since: Option<DateTime<Utc>>,
+) -> Result<JsonBytes<TelemetryResponse>, DbErr> {
+    let answers = &state.answers;
+    // Read before the answer is built: a change made meanwhile moves it past what is kept.
+    let changes = if answers.enabled() {
+        let changes = rollup::changes(&state.db).await?.unwrap_or_default();
+        let recent_seq = recent_seq(state).await;
+        let kept = answers.get(
+            &question,
+            memo::State {
+                changes,
+                recent_seq,
+            },
+            since,
+        );
+        if let Some(kept) = kept {
+            return Ok(kept);
+        }
+        Some(changes)
+    } else {
+        None
+    };
+
+    let filter = TelemetryFilter {
+        since,
+        media_type: question.media_type,
+        model_name: question.model_name.clone(),
+        user_id: question.user_id.clone(),
+        persona_id: question.persona_id.clone(),
+        device: question.device.clone(),
+        status: question.status,
+    };
+    let items = queries::list_items(&state.db, &filter, question.before, question.limit).await?;
+    let summary = queries::summarize(&state.db, &filter).await?;
+    let recent = match state
+        .runtime
+        .broadcast
+        .call(BroadcastMessage::GetRecent, None)
+        .await
+    {
+        Ok(CallResult::Success(events)) => events,
+        _ => Vec::new(),
+    };
+    let recent_seq = recent.last().map_or(0, |event| event.seq);
+    let answer = JsonBytes::new(&TelemetryResponse {
+        items: items.into_iter().map(GenerationItem::from).collect(),
+        summary: summary.into(),
+        recent: recent
+            .into_iter()
+            .filter(|event| {
+                filter
+                    .media_type
+                    .is_none_or(|media| event.data.media_type == media.as_str())
+            })
+            .collect(),
+    });
+    if let Some(changes) = changes {
+        let window = match since {
+            Some(since) => Some(Window {
+                since,
+                until: queries::same_summary_until(
+                    since,
+                    queries::oldest(&state.db, &filter).await?,
+                ),
+            }),
+            None => None,
         };
-        let recent = match state
-            .runtime
-            .broadcast
-            .call(BroadcastMessage::GetRecent, None)
-            .await
-        {
-            Ok(CallResult::Success(events)) => events
-                .into_iter()
-                .filter(|event| {
-                    filter
-                        .media_type
-                        .is_none_or(|media| event.data.media_type == media.as_str())
-                })
-                .collect(),
-            _ => Vec::new(),
-        };
-        GenerationTelemetryResponse::Ok(Json(TelemetryResponse {
-            items: items.into_iter().map(GenerationItem::from).collect(),
-            summary: summary.into(),
-            recent,
-        }))
+        answers.put(
+            question,
+            memo::State {
+                changes,
+                recent_seq,
+            },
+            window,
+            answer.clone(),
+        );
+    }
+    Ok(answer)
+}
+
+/// The sequence number of the newest recent event; 0 when the BroadcastActor cannot say,
+/// which no kept answer was built with unless the buffer was empty.
+async fn recent_seq(state: &AppState) -> u64 {
+    match state
+        .runtime
+        .broadcast
+        .call(BroadcastMessage::GetRecentSeq, None)
+        .await
+    {
+        Ok(CallResult::Success(seq)) => seq,
+        _ => 0,
     }
 }
 

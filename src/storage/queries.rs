@@ -125,6 +125,34 @@ pub async fn list_items<C: ConnectionTrait>(
         .await
 }
 
+/// The commit time of the oldest row that matches `filter`, if any.
+pub async fn oldest<C: ConnectionTrait>(
+    db: &C,
+    filter: &TelemetryFilter,
+) -> Result<Option<DateTime<Utc>>, DbErr> {
+    #[derive(FromQueryResult)]
+    struct Oldest {
+        created_at: DateTime<Utc>,
+    }
+    let clause = WhereClause::from_filter(db.get_database_backend(), filter);
+    let sql = format!(
+        "SELECT created_at FROM generation_metrics {} ORDER BY created_at LIMIT 1",
+        clause.sql()
+    );
+    Ok(Oldest::find_by_statement(clause.statement(sql))
+        .one(db)
+        .await?
+        .map(|row| row.created_at))
+}
+
+/// The latest start a window that starts at `since` can move to while its summary keeps the
+/// same rows and the same split into rows and rollup cells: the first matching row's time
+/// (`oldest`, when it has one), and never past the next whole hour.
+pub fn same_summary_until(since: DateTime<Utc>, oldest: Option<DateTime<Utc>>) -> DateTime<Utc> {
+    let next_hour = DateTime::from_timestamp(ceil_to(since, rollup::HOUR), 0).unwrap_or(since);
+    oldest.map_or(next_hour, |oldest| oldest.min(next_hour))
+}
+
 /// Aggregates of a set of rows. Means of duration, throughput and memory count succeeded
 /// generations only; they are `None` when no row qualifies.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -408,5 +436,30 @@ fn ceil_to(at: DateTime<Utc>, span: i64) -> i64 {
         floor
     } else {
         floor + span
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(text: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(text).unwrap().to_utc()
+    }
+
+    #[test]
+    fn a_summary_holds_until_the_first_row_or_the_next_whole_hour() {
+        let since = at("2026-12-04T10:20:30.5Z");
+        assert_eq!(same_summary_until(since, None), at("2026-12-04T11:00:00Z"));
+        assert_eq!(
+            same_summary_until(since, Some(at("2026-12-04T10:40:00Z"))),
+            at("2026-12-04T10:40:00Z")
+        );
+        assert_eq!(
+            same_summary_until(since, Some(at("2026-12-04T11:30:00Z"))),
+            at("2026-12-04T11:00:00Z")
+        );
+        let on_the_hour = at("2026-12-04T10:00:00Z");
+        assert_eq!(same_summary_until(on_the_hour, None), on_the_hour);
     }
 }

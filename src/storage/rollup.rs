@@ -617,18 +617,36 @@ pub async fn account<C: ConnectionTrait>(db: &C, changes: i64) -> Result<(), DbE
 
 /// Whether the rollup accounts for every change to `generation_metrics`.
 pub async fn is_current<C: ConnectionTrait>(db: &C) -> Result<bool, DbErr> {
+    Ok(changes(db)
+        .await?
+        .is_some_and(|changes| changes.rows == changes.rolled))
+}
+
+/// The changes to `generation_metrics` that its triggers counted, whoever made them, and
+/// those the rollup accounts for. While both stay the same, so do the table and the rollup.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// `row_changes`.
+    pub rows: i64,
+    /// `rolled_changes`.
+    pub rolled: i64,
+}
+
+/// The counters of `generation_metrics_rollup_state`, when its row exists.
+pub async fn changes<C: ConnectionTrait>(db: &C) -> Result<Option<Changes>, DbErr> {
     let row = db
         .query_one_raw(Statement::from_string(
             db.get_database_backend(),
             "SELECT row_changes, rolled_changes FROM generation_metrics_rollup_state WHERE id = 1",
         ))
         .await?;
-    Ok(match row {
-        Some(row) => {
-            row.try_get::<i64>("", "row_changes")? == row.try_get::<i64>("", "rolled_changes")?
-        }
-        None => false,
+    row.map(|row| {
+        Ok(Changes {
+            rows: row.try_get::<i64>("", "row_changes")?,
+            rolled: row.try_get::<i64>("", "rolled_changes")?,
+        })
     })
+    .transpose()
 }
 
 /// What a rebuild did.

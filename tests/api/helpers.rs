@@ -95,6 +95,7 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
         metrics_address: None,
         retention_days: 0,
         max_pending_jobs: options.max_pending_jobs,
+        telemetry_cache_size: 64,
     };
     let factory = options.factory.unwrap_or_else(|| devices::factory(None));
     let app = Application::build_with(&settings, options.devices, factory)

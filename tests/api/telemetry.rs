@@ -1,6 +1,8 @@
 //! The telemetry endpoint: filters, ordering, summary over the window, recent buffer.
 
-use sea_orm::{ConnectionTrait, Statement};
+use chrono::Utc;
+use sea_orm::{ConnectionTrait, DatabaseBackend, Statement, Value};
+use seidra::storage::timestamp_parameter;
 
 use crate::helpers::{small_image, small_video, spawn_app};
 
@@ -106,6 +108,69 @@ async fn minutes_selects_rows_by_commit_time() {
     assert_eq!(hour["items"][0]["job_id"], new.as_str());
     let day = app.telemetry("minutes=1440").await;
     assert_eq!(day["summary"]["total"], 2);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn answers_follow_every_change_to_the_table_and_rows_leaving_the_window() {
+    let app = spawn_app().await;
+    let backend = app.db.get_database_backend();
+    let first = app.submit(small_image(1)).await;
+    app.wait_for_job(&first).await;
+    assert_eq!(app.telemetry("minutes=60").await["summary"]["total"], 1);
+    assert_eq!(app.telemetry("minutes=60").await["summary"]["total"], 1);
+
+    // A change the service does not make itself, as the `sqlite3` shell or another host would.
+    app.db
+        .execute_raw(Statement::from_string(
+            backend,
+            "DELETE FROM generation_metrics",
+        ))
+        .await
+        .unwrap();
+    let answer = app.telemetry("minutes=60").await;
+    assert_eq!(answer["summary"]["total"], 0);
+    assert_eq!(answer["items"].as_array().unwrap().len(), 0);
+
+    // A row that leaves the 60-minute window five seconds from now, with no change meanwhile.
+    let second = app.submit(small_image(2)).await;
+    app.wait_for_job(&second).await;
+    let leaves_at = Utc::now() + chrono::Duration::seconds(5);
+    let created_at = leaves_at - chrono::Duration::minutes(60);
+    let (set, job) = match backend {
+        DatabaseBackend::Postgres => ("$1", "$2"),
+        _ => ("?", "?"),
+    };
+    app.db
+        .execute_raw(Statement::from_sql_and_values(
+            backend,
+            format!("UPDATE generation_metrics SET created_at = {set} WHERE job_id = {job}"),
+            [
+                timestamp_parameter(backend, created_at),
+                Value::from(second.clone()),
+            ],
+        ))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let answer = app.telemetry("minutes=60").await;
+        assert!(
+            Utc::now() < leaves_at,
+            "the machine is too slow for this test"
+        );
+        assert_eq!(answer["summary"]["total"], 1);
+        assert_eq!(answer["items"][0]["job_id"], second.as_str());
+    }
+    let wait = (leaves_at - Utc::now()).to_std().unwrap_or_default();
+    tokio::time::sleep(wait + std::time::Duration::from_millis(100)).await;
+    let answer = app.telemetry("minutes=60").await;
+    assert_eq!(answer["summary"]["total"], 0, "the row has left the window");
+    assert_eq!(answer["items"].as_array().unwrap().len(), 0);
+    assert_eq!(
+        app.telemetry("minutes=61").await["summary"]["total"],
+        1,
+        "a longer window still holds it"
+    );
     app.stop().await;
 }
 

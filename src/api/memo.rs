@@ -1,0 +1,280 @@
+//! Answers of the telemetry endpoint, kept serialised while they stay exact.
+//!
+//! Dashboards ask the same questions every few seconds, and on a large table the answer costs
+//! far more to build than to send. An answer is sent again only while nothing it depends on
+//! has moved:
+//! - the table and its rollup: `generation_metrics_rollup_state.row_changes`, which the
+//!   table's triggers count whoever writes (this writer, another host, a purge, the `sqlite3`
+//!   shell), and `rolled_changes`, which moves with the rollup, are the numbers read before
+//!   the answer was built;
+//! - the recent buffer: its newest event is the same;
+//! - the window: its start has not passed the oldest matching row nor the next whole hour,
+//!   where the summary's split into rows and rollup cells changes.
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use poem::{IntoResponse, Response};
+use poem_openapi::payload::Payload;
+use poem_openapi::registry::{MetaSchemaRef, Registry};
+use poem_openapi::types::{ToJSON, Type};
+
+use crate::generation::{JobStatus, MediaType};
+use crate::storage::rollup::Changes;
+
+/// A JSON document of schema `T`, already serialised.
+pub struct JsonBytes<T> {
+    bytes: Bytes,
+    schema: PhantomData<fn() -> T>,
+}
+
+impl<T: ToJSON> JsonBytes<T> {
+    /// Serialises `value`.
+    pub fn new(value: &T) -> Self {
+        JsonBytes {
+            bytes: Bytes::from(value.to_json_string()),
+            schema: PhantomData,
+        }
+    }
+}
+
+impl<T> Clone for JsonBytes<T> {
+    fn clone(&self) -> Self {
+        JsonBytes {
+            bytes: self.bytes.clone(),
+            schema: PhantomData,
+        }
+    }
+}
+
+impl<T: Type> Payload for JsonBytes<T> {
+    const CONTENT_TYPE: &'static str = "application/json; charset=utf-8";
+
+    fn schema_ref() -> MetaSchemaRef {
+        T::schema_ref()
+    }
+
+    fn register(registry: &mut Registry) {
+        T::register(registry);
+    }
+}
+
+impl<T: Type> IntoResponse for JsonBytes<T> {
+    fn into_response(self) -> Response {
+        Response::builder()
+            .content_type(Self::CONTENT_TYPE)
+            .body(self.bytes)
+    }
+}
+
+/// Everything a request asks, the window as a length: equal questions have equal answers
+/// while the state they were answered in holds.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Question {
+    /// Items asked for.
+    pub limit: u64,
+    /// The window's length.
+    pub minutes: Option<u32>,
+    /// The filters, in the endpoint's order.
+    pub media_type: Option<MediaType>,
+    /// Model filter.
+    pub model_name: Option<String>,
+    /// User filter.
+    pub user_id: Option<String>,
+    /// Persona filter.
+    pub persona_id: Option<String>,
+    /// Device filter.
+    pub device: Option<String>,
+    /// Status filter.
+    pub status: Option<JobStatus>,
+    /// Page cursor.
+    pub before: Option<i64>,
+}
+
+/// What an answer depended on when it was built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct State {
+    /// The table's and the rollup's change counters, read before the answer was built.
+    pub changes: Changes,
+    /// The newest event of the recent buffer (0 when empty).
+    pub recent_seq: u64,
+}
+
+/// The span of window starts an answer holds for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// The window start it was built for.
+    pub since: DateTime<Utc>,
+    /// The latest window start it still holds for.
+    pub until: DateTime<Utc>,
+}
+
+struct Entry<T> {
+    state: State,
+    window: Option<Window>,
+    answer: JsonBytes<T>,
+    stored: u64,
+}
+
+/// A bounded map of questions to serialised answers.
+pub struct Answers<T> {
+    capacity: usize,
+    entries: Mutex<(HashMap<Question, Entry<T>>, u64)>,
+}
+
+impl<T> Answers<T> {
+    /// Keeps at most `capacity` answers; 0 keeps none.
+    pub fn new(capacity: usize) -> Self {
+        Answers {
+            capacity,
+            entries: Mutex::new((HashMap::new(), 0)),
+        }
+    }
+
+    /// Whether it keeps anything.
+    pub fn enabled(&self) -> bool {
+        self.capacity > 0
+    }
+
+    /// The answer to `question` built in `state`, if it holds for a window starting at `since`.
+    pub fn get(
+        &self,
+        question: &Question,
+        state: State,
+        since: Option<DateTime<Utc>>,
+    ) -> Option<JsonBytes<T>> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = entries.0.get(question)?;
+        let holds = match (entry.window, since) {
+            (None, None) => true,
+            (Some(window), Some(since)) => window.since <= since && since <= window.until,
+            _ => false,
+        };
+        (entry.state == state && holds).then(|| entry.answer.clone())
+    }
+
+    /// Keeps `answer`, built in `state` for `window`, in place of the oldest kept when full.
+    pub fn put(
+        &self,
+        question: Question,
+        state: State,
+        window: Option<Window>,
+        answer: JsonBytes<T>,
+    ) {
+        if !self.enabled() {
+            return;
+        }
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let (map, clock) = &mut *entries;
+        *clock += 1;
+        if map.len() >= self.capacity && !map.contains_key(&question) {
+            let oldest = map
+                .iter()
+                .min_by_key(|(_, entry)| entry.stored)
+                .map(|(question, _)| question.clone());
+            if let Some(oldest) = oldest {
+                map.remove(&oldest);
+            }
+        }
+        map.insert(
+            question,
+            Entry {
+                state,
+                window,
+                answer,
+                stored: *clock,
+            },
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn question(limit: u64) -> Question {
+        Question {
+            limit,
+            minutes: Some(60),
+            media_type: None,
+            model_name: None,
+            user_id: None,
+            persona_id: None,
+            device: None,
+            status: None,
+            before: None,
+        }
+    }
+
+    fn answer(text: &str) -> JsonBytes<String> {
+        JsonBytes::new(&text.to_owned())
+    }
+
+    fn body(answer: JsonBytes<String>) -> String {
+        String::from_utf8(answer.bytes.to_vec()).unwrap()
+    }
+
+    const STATE: State = State {
+        changes: Changes { rows: 7, rolled: 7 },
+        recent_seq: 3,
+    };
+
+    fn at(seconds: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + seconds, 0).unwrap()
+    }
+
+    #[test]
+    fn an_answer_holds_only_in_its_state_and_window() {
+        let answers = Answers::new(4);
+        let window = Window {
+            since: at(0),
+            until: at(100),
+        };
+        answers.put(question(50), STATE, Some(window), answer("a"));
+        assert_eq!(
+            answers.get(&question(50), STATE, Some(at(100))).map(body),
+            Some("\"a\"".to_owned())
+        );
+        for (state, since) in [
+            (
+                State {
+                    changes: Changes { rows: 8, rolled: 7 },
+                    ..STATE
+                },
+                at(10),
+            ),
+            (
+                State {
+                    recent_seq: 4,
+                    ..STATE
+                },
+                at(10),
+            ),
+            (STATE, at(101)),
+            (STATE, at(-1)),
+        ] {
+            assert!(answers.get(&question(50), state, Some(since)).is_none());
+        }
+        assert!(answers.get(&question(50), STATE, None).is_none());
+        assert!(answers.get(&question(10), STATE, Some(at(10))).is_none());
+    }
+
+    #[test]
+    fn the_oldest_answer_makes_room_and_none_is_kept_at_capacity_zero() {
+        let answers = Answers::new(2);
+        for limit in 1..=3 {
+            answers.put(question(limit), STATE, None, answer("x"));
+        }
+        let kept: Vec<u64> = (1..=3)
+            .filter(|&limit| answers.get(&question(limit), STATE, None).is_some())
+            .collect();
+        assert_eq!(kept, [2, 3]);
+
+        let none = Answers::new(0);
+        none.put(question(1), STATE, None, answer("x"));
+        assert!(none.get(&question(1), STATE, None).is_none());
+    }
+}
