@@ -22,7 +22,7 @@ use poem_openapi::payload::Payload;
 use poem_openapi::registry::{MetaSchemaRef, Registry};
 use poem_openapi::types::{ToJSON, Type};
 
-use crate::generation::{JobStatus, MediaType};
+use crate::storage::TelemetryFilter;
 use crate::storage::rollup::Changes;
 
 /// A JSON document of schema `T`, already serialised.
@@ -78,18 +78,8 @@ pub struct Question {
     pub limit: u64,
     /// The window's length.
     pub minutes: Option<u32>,
-    /// The filters, in the endpoint's order.
-    pub media_type: Option<MediaType>,
-    /// Model filter.
-    pub model_name: Option<String>,
-    /// User filter.
-    pub user_id: Option<String>,
-    /// Persona filter.
-    pub persona_id: Option<String>,
-    /// Device filter.
-    pub device: Option<String>,
-    /// Status filter.
-    pub status: Option<JobStatus>,
+    /// The other filters (`since` unset).
+    pub filter: TelemetryFilter,
     /// Page cursor.
     pub before: Option<i64>,
 }
@@ -199,12 +189,7 @@ mod tests {
         Question {
             limit,
             minutes: Some(60),
-            media_type: None,
-            model_name: None,
-            user_id: None,
-            persona_id: None,
-            device: None,
-            status: None,
+            filter: TelemetryFilter::default(),
             before: None,
         }
     }

@@ -252,12 +252,15 @@ impl TelemetryApi {
         let question = Question {
             limit: limit.0,
             minutes: minutes.0,
-            media_type: media_type.0,
-            model_name: model_name.0,
-            user_id: user_id.0,
-            persona_id: persona_id.0,
-            device: device.0,
-            status: status.0.map(JobStatus::from),
+            filter: TelemetryFilter {
+                since: None,
+                media_type: media_type.0,
+                model_name: model_name.0,
+                user_id: user_id.0,
+                persona_id: persona_id.0,
+                device: device.0,
+                status: status.0.map(JobStatus::from),
+            },
             before: before.0,
         };
         match answer(&state, question, since).await {
@@ -303,12 +306,7 @@ async fn answer(
 
     let filter = TelemetryFilter {
         since,
-        media_type: question.media_type,
-        model_name: question.model_name.clone(),
-        user_id: question.user_id.clone(),
-        persona_id: question.persona_id.clone(),
-        device: question.device.clone(),
-        status: question.status,
+        ..question.filter.clone()
     };
     let items = queries::list_items(&state.db, &filter, question.before, question.limit).await?;
     let summary = queries::summarize(&state.db, &filter).await?;

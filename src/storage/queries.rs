@@ -20,7 +20,7 @@ use crate::storage::rollup::{self, Cell, CellKey, CellRow, Measure};
 use crate::storage::{placeholder, timestamp_parameter};
 
 /// Which rows of `generation_metrics` a request is about.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct TelemetryFilter {
     /// Only rows committed at or after this time.
     pub since: Option<DateTime<Utc>>,

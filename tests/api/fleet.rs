@@ -10,7 +10,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
 
 use crate::helpers::{
-    AppOptions, CuttableProxy, fresh_database, get_json, small_image, spawn_app_with,
+    AppOptions, CuttableProxy, TestApp, fresh_database, get_json, small_image, spawn_app_with,
 };
 
 #[tokio::test]
@@ -87,21 +87,9 @@ async fn rows_another_host_commits_while_the_listener_is_cut_still_reach_the_cha
     let mut through_proxy = direct.clone();
     through_proxy.set_host(Some("127.0.0.1")).unwrap();
     through_proxy.set_port(Some(proxy.address.port())).unwrap();
-    let a = spawn_app_with(AppOptions {
-        database_url: Some(shared),
-        host_name: "host-a".to_owned(),
-        ..AppOptions::default()
-    })
-    .await;
-    let b = spawn_app_with(AppOptions {
-        database_url: Some(through_proxy.to_string()),
-        host_name: "host-b".to_owned(),
-        ..AppOptions::default()
-    })
-    .await;
-    let (mut on_b, _) = connect_async(format!("{}?token={}", b.ws_url, b.token))
-        .await
-        .unwrap();
+    let a = spawn_host("host-a", shared).await;
+    let b = spawn_host("host-b", through_proxy.to_string()).await;
+    let mut on_b = follow(&b).await;
     let deadline = || tokio::time::Instant::now() + Duration::from_secs(30);
     // B listens once it relays a row of A's.
     let before = a.submit(small_image(1)).await;
@@ -133,6 +121,24 @@ async fn rows_another_host_commits_while_the_listener_is_cut_still_reach_the_cha
     a.stop().await;
     b.stop().await;
     proxy.stop();
+}
+
+/// An instance named `host` on the database at `url`.
+async fn spawn_host(host: &str, url: String) -> TestApp {
+    spawn_app_with(AppOptions {
+        database_url: Some(url),
+        host_name: host.to_owned(),
+        ..AppOptions::default()
+    })
+    .await
+}
+
+/// A client of `app`'s channel.
+async fn follow(app: &TestApp) -> WebSocketStream<MaybeTlsStream<TcpStream>> {
+    let (socket, _) = connect_async(format!("{}?token={}", app.ws_url, app.token))
+        .await
+        .unwrap();
+    socket
 }
 
 /// The next `telemetry.generation` event on `socket`, before `deadline`.
