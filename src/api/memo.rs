@@ -12,6 +12,7 @@
 //!   where the summary's split into rows and rollup cells changes.
 
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::marker::PhantomData;
 use std::sync::Mutex;
 
@@ -109,10 +110,14 @@ struct Entry<T> {
     stored: u64,
 }
 
+/// Locks that let one request at a time build the answer to a question (striped by hash).
+const BUILDERS: usize = 16;
+
 /// A bounded map of questions to serialised answers.
 pub struct Answers<T> {
     capacity: usize,
     entries: Mutex<(HashMap<Question, Entry<T>>, u64)>,
+    builders: [tokio::sync::Mutex<()>; BUILDERS],
 }
 
 impl<T> Answers<T> {
@@ -121,7 +126,18 @@ impl<T> Answers<T> {
         Answers {
             capacity,
             entries: Mutex::new((HashMap::new(), 0)),
+            builders: std::array::from_fn(|_| tokio::sync::Mutex::new(())),
         }
+    }
+
+    /// Waits until no other request builds an answer to `question` (or to a question that
+    /// shares its lock): requests that miss together then build it once, not each.
+    pub async fn build(&self, question: &Question) -> tokio::sync::MutexGuard<'_, ()> {
+        let mut hasher = std::hash::DefaultHasher::new();
+        question.hash(&mut hasher);
+        self.builders[hasher.finish() as usize % BUILDERS]
+            .lock()
+            .await
     }
 
     /// Whether it keeps anything.

@@ -284,22 +284,29 @@ async fn answer(
     since: Option<DateTime<Utc>>,
 ) -> Result<JsonBytes<TelemetryResponse>, DbErr> {
     let answers = &state.answers;
-    // Read before the answer is built: a change made meanwhile moves it past what is kept.
+    let mut building = None;
     let changes = if answers.enabled() {
-        let changes = rollup::changes(&state.db).await?.unwrap_or_default();
-        let recent_seq = recent_seq(state).await;
-        let kept = answers.get(
-            &question,
-            memo::State {
-                changes,
-                recent_seq,
-            },
-            since,
-        );
-        if let Some(kept) = kept {
-            return Ok(kept);
+        loop {
+            // Read before the answer is built: a change made meanwhile moves it past what is
+            // kept.
+            let changes = rollup::changes(&state.db).await?.unwrap_or_default();
+            let kept = answers.get(
+                &question,
+                memo::State {
+                    changes,
+                    recent_seq: recent_seq(state).await,
+                },
+                since,
+            );
+            if let Some(kept) = kept {
+                return Ok(kept);
+            }
+            if building.is_some() {
+                break Some(changes);
+            }
+            // Another request may have built it while this one waited: look again.
+            building = Some(answers.build(&question).await);
         }
-        Some(changes)
     } else {
         None
     };
