@@ -48,6 +48,10 @@ struct Args {
     /// Clock ticks per second of /proc/<pid>/stat (`getconf CLK_TCK`).
     #[arg(long, default_value_t = 100)]
     clock_ticks: u64,
+    /// Rows an earlier run announced: the service publishes each row once, so they are
+    /// skipped.
+    #[arg(long, default_value_t = 0)]
+    skip_rows: usize,
     #[command(subcommand)]
     mode: Mode,
 }
@@ -92,7 +96,7 @@ async fn main() -> anyhow::Result<()> {
     let mut publisher = Publisher {
         db,
         ids,
-        next: 0,
+        next: args.skip_rows,
         instance: uuid::Uuid::new_v4(),
     };
     let probe = ProcessProbe::new(args.service_pid, args.clock_ticks);
@@ -133,20 +137,19 @@ impl Publisher {
     async fn run(&mut self, rate: u32, duration: Duration) -> anyhow::Result<u64> {
         let ticks = rate.min(TICKS_PER_SECOND);
         let per_tick = (rate / ticks) as usize;
-        anyhow::ensure!(
-            per_tick <= self.ids.len(),
-            "{per_tick} rows per announcement, {} in the table",
-            self.ids.len()
-        );
         let mut interval = tokio::time::interval(Duration::from_secs(1) / ticks);
         let total_ticks = u64::from(ticks) * duration.as_secs();
+        // The service publishes each row once, as it must: a row announced again is not.
+        let needed = self.next + total_ticks as usize * per_tick;
+        anyhow::ensure!(
+            needed <= self.ids.len(),
+            "{needed} rows to announce, {} in the table: raise BENCH_ROWS",
+            self.ids.len()
+        );
         for _ in 0..total_ticks {
             interval.tick().await;
-            // The relay reads the announced ids with `IN (...)`: they must be distinct.
-            let batch: Vec<i64> = (0..per_tick)
-                .map(|offset| self.ids[(self.next + offset) % self.ids.len()])
-                .collect();
-            self.next = (self.next + per_tick) % self.ids.len();
+            let batch = self.ids[self.next..self.next + per_tick].to_vec();
+            self.next += per_tick;
             let payload = json!({ "instance": self.instance, "ids": batch }).to_string();
             sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(NOTIFY_CHANNEL)
@@ -421,8 +424,9 @@ async fn max_rate(
         let received = stats.received.load(Ordering::Relaxed) - received_before;
         let gaps = stats.gaps.load(Ordering::Relaxed) - gaps_before;
         let close_code = stats.close_code.load(Ordering::Relaxed);
-        let busy_seconds =
-            (stats.last_receipt_us.load(Ordering::Relaxed) - step_start_us) as f64 / 1e6;
+        let busy_seconds = (stats.last_receipt_us.load(Ordering::Relaxed))
+            .saturating_sub(step_start_us) as f64
+            / 1e6;
         let mut latencies = stats.latencies_us.lock().unwrap()[latencies_before..].to_vec();
         latencies.sort_unstable();
         let emissions = stats.emissions_us.as_ref().expect("kept");

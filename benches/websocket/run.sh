@@ -6,7 +6,8 @@
 #   1. a fresh PostgreSQL database (seidra_bench_ws_<pid> on BENCH_PG_URL, dropped at the end)
 #      and `target/debug/seidra serve` on it, on a free loopback port, with a temporary data
 #      dir and SEIDRA_CLIENT_QUEUE=BENCH_CLIENT_QUEUE (4096);
-#   2. one real small image job, whose row is copied to BENCH_ROWS rows (1000) in SQL;
+#   2. one real small image job, whose row is copied in SQL to BENCH_ROWS rows (default: as
+#      many as both phases announce, since the service publishes each row once);
 #   3. fanout: BENCH_CLIENTS (1000) clients connected, then BENCH_RATE (100) messages per
 #      second for BENCH_SECONDS (60): latency from `emitted_at` to receipt (p50/p90/p99/max),
 #      messages delivered per second, seq gaps, clients closed, the service's CPU (from
@@ -35,9 +36,9 @@ clients=${BENCH_CLIENTS:-1000}
 rate=${BENCH_RATE:-100}
 seconds=${BENCH_SECONDS:-60}
 queue=${BENCH_CLIENT_QUEUE:-4096}
-rows=${BENCH_ROWS:-1000}
 max_rates=${BENCH_MAX_RATES:-100,500,1000,2000,5000,10000,20000}
 step_seconds=${BENCH_STEP_SECONDS:-5}
+rows=${BENCH_ROWS:-$((rate * seconds + ($(tr ',' '+' <<< "$max_rates")) * step_seconds))}
 pg_url=${BENCH_PG_URL:-postgres://postgres@127.0.0.1:5432}
 out=${BENCH_OUT:-$here/results/$(date -u +%Y%m%dT%H%M%SZ)}
 export PGOPTIONS="${PGOPTIONS:-} -c client_min_messages=warning"
@@ -103,6 +104,6 @@ echo "== fanout: $clients clients, $rate messages/s for $seconds s (client queue
 run_driver fanout --clients "$clients" --rate "$rate" --seconds "$seconds" \
   2> >(tee "$out/fanout.log" >&2) | tee "$out/fanout.json" || exit 1
 echo "== max-rate: one client, $max_rates messages/s, $step_seconds s each"
-run_driver max-rate --rates "$max_rates" --step-seconds "$step_seconds" \
+run_driver --skip-rows $((rate * seconds)) max-rate --rates "$max_rates" --step-seconds "$step_seconds" \
   2> >(tee "$out/max-rate.log" >&2) | tee "$out/max-rate.json" || exit 1
 echo "raw outputs in $out"
