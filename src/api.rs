@@ -35,6 +35,8 @@ pub struct AppState {
     pub shutdown: watch::Receiver<bool>,
     /// Prometheus metrics.
     pub metrics: crate::metrics::Metrics,
+    /// The most memory a job's attention may need, MiB; larger jobs are refused.
+    pub max_job_memory_mib: u64,
     /// Telemetry endpoint answers kept while they stay exact.
     pub answers: std::sync::Arc<memo::Answers<telemetry::TelemetryResponse>>,
 }

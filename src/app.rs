@@ -11,15 +11,16 @@ use poem::http::{HeaderValue, StatusCode, header};
 use poem::listener::{Acceptor, Listener, TcpAcceptor, TcpListener};
 use poem::middleware::Tracing;
 use poem::web::{LocalAddr, RemoteAddr};
-use poem::{Endpoint, EndpointExt, Route, Server, get};
+use poem::{Endpoint, EndpointExt, IntoResponse, Route, Server, get};
 use sea_orm::DatabaseConnection;
+use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
 use crate::actors::supervisor::SupervisorMessage;
 use crate::actors::{Runtime, RuntimeFactory, RuntimeSettings, RuntimeSupervisor};
 use crate::api::allow::AllowedMethods;
 use crate::api::auth::{AuthKeys, load_or_create_secret};
-use crate::api::errors::to_json_error;
+use crate::api::errors::{ErrorBody, to_json_error};
 use crate::api::memo::Answers;
 use crate::api::{AppState, metrics, openapi_service, websocket};
 use crate::metrics::Metrics;
@@ -119,6 +120,7 @@ impl Application {
                 shutdown: shutdown_rx,
                 metrics,
                 answers: Arc::new(Answers::new(settings.telemetry_cache_size)),
+                max_job_memory_mib: settings.max_job_memory_mib,
             },
             metrics_address: settings.metrics_address.clone(),
             retention_days: settings.retention_days,
@@ -181,7 +183,7 @@ impl Application {
             None => app = app.at("/metrics", get(metrics::protected)),
         }
         let app = app
-            .nest("/", api)
+            .nest("/", api.around(limit_body))
             .at("/api/system/ws", get(websocket::system_channel))
             .at("/openapi.json", spec_json)
             .at("/openapi.yaml", spec_yaml)
@@ -207,9 +209,20 @@ impl Application {
 
         tracing::info!(address = %public_url, "listening");
         let shutdown = self.shutdown;
+        let supervisor = self.state.runtime.supervisor.clone();
         let signal = async move {
-            stop.await;
-            tracing::info!("shutting down");
+            // The supervisor stops by itself when the writer, the broadcast or the registry
+            // is gone: the service then cannot record or announce anything, so it stops too.
+            let runtime_gone = async {
+                while supervisor.get_status() != ractor::ActorStatus::Stopped {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                tracing::error!("the actor runtime stopped; shutting down");
+            };
+            tokio::select! {
+                _ = stop => tracing::info!("shutting down"),
+                _ = runtime_gone => {}
+            }
             let _ = shutdown.send(true);
         };
         Server::new_with_acceptor(self.acceptor)
@@ -223,6 +236,34 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// The largest request body taken: a job's body is a few KiB at most.
+const MAX_BODY_BYTES: u64 = 64 * 1024;
+
+/// Refuses a body that says it is larger than `MAX_BODY_BYTES` with 413, and cuts one that
+/// turns out larger (it then fails to parse), so that no request can fill the memory.
+async fn limit_body<E: Endpoint>(
+    endpoint: Arc<E>,
+    mut request: poem::Request,
+) -> poem::Result<poem::Response> {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+    if let Some(length) = declared
+        && length > MAX_BODY_BYTES
+    {
+        return Ok(ErrorBody::new(
+            "payload_too_large",
+            format!("the body has {length} bytes; at most {MAX_BODY_BYTES} are taken"),
+        )
+        .with_status(StatusCode::PAYLOAD_TOO_LARGE)
+        .into_response());
+    }
+    let body = request.take_body().into_async_read();
+    request.set_body(poem::Body::from_async_read(body.take(MAX_BODY_BYTES)));
+    Ok(endpoint.call(request).await?.into_response())
 }
 
 impl Application {

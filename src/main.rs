@@ -211,8 +211,16 @@ async fn purge(
     older_than: std::time::Duration,
     dry_run: bool,
 ) -> anyhow::Result<()> {
+    let cutoff = chrono::TimeDelta::from_std(older_than)
+        .ok()
+        .and_then(|age| chrono::Utc::now().checked_sub_signed(age))
+        .with_context(|| {
+            format!(
+                "--older-than {}: further back than the calendar goes",
+                humantime::format_duration(older_than)
+            )
+        })?;
     let db = storage::connect(settings.database_url.as_deref(), &settings.data_dir).await?;
-    let cutoff = chrono::Utc::now() - older_than;
     if dry_run {
         let count = retention::count_older_than(&db, cutoff).await?;
         println!("{count} rows committed before {cutoff} would be deleted");

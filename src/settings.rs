@@ -43,6 +43,9 @@ pub struct Settings {
     pub retention_days: u32,
     /// Jobs accepted but not yet recorded beyond which new jobs are refused with 503.
     pub max_pending_jobs: usize,
+    /// The most memory, MiB, the model's attention may need for one job; larger jobs are
+    /// refused with 400 instead of exhausting the host.
+    pub max_job_memory_mib: u64,
     /// Telemetry endpoint answers kept while they stay exact; 0 builds every answer afresh.
     pub telemetry_cache_size: usize,
     /// Serve `/metrics` without a token on this address (e.g. `10.0.0.5:9464`); when unset
@@ -65,7 +68,8 @@ impl Settings {
             .set_default("migrate", true)?
             .set_default("retention_days", 30)?
             .set_default("max_pending_jobs", 10_000)?
-            .set_default("telemetry_cache_size", 64)?;
+            .set_default("telemetry_cache_size", 64)?
+            .set_default("max_job_memory_mib", 8192)?;
         if let Some(file) = file {
             builder = builder.add_source(File::from(file));
         }

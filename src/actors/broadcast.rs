@@ -192,7 +192,7 @@ impl BroadcastState {
             };
         };
         let oldest_seq = self.held.front().map_or(self.next_seq, |event| event.seq);
-        if after_seq + 1 < oldest_seq || after_seq > latest_seq {
+        if after_seq < oldest_seq.saturating_sub(1) || after_seq > latest_seq {
             return Subscription::GapTooLarge {
                 oldest_seq,
                 latest_seq,

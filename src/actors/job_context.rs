@@ -131,6 +131,9 @@ pub enum JobContextMessage {
     RowCommitted(Uuid, GenerationItem),
     /// Refuses new jobs and records the queued ones as failed, before a shutdown.
     StopAccepting(RpcReplyPort<()>),
+    /// Records the running jobs as failed and asks their devices to stop them, when a
+    /// shutdown has waited long enough for them.
+    StopRunning(RpcReplyPort<()>),
 }
 
 /// Spawn arguments of the JobContextActor.
@@ -295,13 +298,19 @@ impl Actor for JobContextActor {
                 job_id,
                 report,
             } => {
-                state.devices[device_index].running = None;
-                state.generation_ended(&myself, device_index, job_id, report);
+                // A job recorded already (its shutdown stopped waiting) leaves no second row.
+                if state.devices[device_index].running.take() == Some(job_id) {
+                    state.generation_ended(&myself, device_index, job_id, report);
+                }
                 state.dispatch();
             }
             JobContextMessage::RowCommitted(job_id, item) => state.row_committed(job_id, item),
             JobContextMessage::StopAccepting(reply) => {
                 state.stop_accepting(&myself);
+                let _ = reply.send(());
+            }
+            JobContextMessage::StopRunning(reply) => {
+                state.stop_running(&myself);
                 let _ = reply.send(());
             }
         }
@@ -649,6 +658,30 @@ impl JobContextState {
                 elapsed: Duration::ZERO,
             };
             let row = self.row(&job, None, json!({}), ended, Instant::now());
+            self.append(myself, job_id, row);
+        }
+    }
+
+    /// Records every running job as failed and cancels its work: the service stops without
+    /// waiting for it any longer, and an accepted job must leave a row.
+    fn stop_running(&mut self, myself: &ActorRef<JobContextMessage>) {
+        for index in 0..self.devices.len() {
+            let Some(job_id) = self.devices[index].running.take() else {
+                continue;
+            };
+            let Some(entry) = self.jobs.get(&job_id) else {
+                continue;
+            };
+            entry.view.job.cancel.cancel();
+            let started = entry.started.unwrap_or(entry.view.job.submitted);
+            let job = entry.view.job.clone();
+            let ended = Ended::Failed {
+                kind: "service_stopped",
+                message: "the service stopped while the job ran".to_owned(),
+                elapsed: started.elapsed(),
+            };
+            let device = self.devices[index].name.clone();
+            let row = self.row(&job, Some(device), json!({}), ended, started);
             self.append(myself, job_id, row);
         }
     }

@@ -262,11 +262,20 @@ async fn shutdown(state: &mut SupervisorState) {
         .call(JobContextMessage::StopAccepting, timeout)
         .await;
     // A device stops once its running job is done; its outcome is then in the registry's
-    // mailbox, which draining processes.
+    // mailbox, which draining processes. A job still running after the wait is recorded as
+    // failed, and its device is left to stop at its next step.
+    let mut waited = Vec::new();
     for child in &mut state.devices {
         if let Some(cell) = child.cell.take() {
-            let _ = cell.stop_and_wait(None, timeout).await;
+            waited.push(cell.stop_and_wait(None, timeout).await.is_ok());
         }
+    }
+    if waited.contains(&false) {
+        tracing::warn!("a running job outlived the shutdown's wait; recording it as failed");
+        let _ = state
+            .job_context
+            .call(JobContextMessage::StopRunning, timeout)
+            .await;
     }
     let _ = state.job_context.drain_and_wait(timeout).await;
     // Draining processes every row already sent before stopping, and the writer commits

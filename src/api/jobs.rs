@@ -20,6 +20,7 @@ use crate::events::GenerationItem;
 use crate::generation::{CancelFlag, GenerationRequest, Job, JobStatus, LoraSpec, MediaType};
 use crate::model::diffusion::BUILTIN_MODEL;
 use crate::model::encode::content_type;
+use crate::model::network::DenoiserConfig;
 use crate::storage::entities::{generation_jobs, generation_metrics};
 
 /// The model to run.
@@ -208,10 +209,14 @@ enum SubmitResponse {
     /// The job is queued.
     #[oai(status = 202)]
     Accepted(Json<JobAccepted>),
-    /// The request is invalid; the message names the field.
+    /// The request is invalid, or needs more memory than a job may take; the message names
+    /// the fields.
     #[oai(status = 400)]
-    #[allow(dead_code)] // answered by body parsing; listed for the document
     BadRequest(Json<ErrorBody>),
+    /// The body is larger than 64 KiB.
+    #[oai(status = 413)]
+    #[allow(dead_code)] // answered before the route; listed for the document
+    PayloadTooLarge(Json<ErrorBody>),
     /// The body is not JSON.
     #[oai(status = 415)]
     #[allow(dead_code)] // answered by body parsing; listed for the document
@@ -312,6 +317,28 @@ impl JobsApi {
     ) -> SubmitResponse {
         let persona_id = body.0.persona_id();
         let request = body.0.into_request();
+        let needed = DenoiserConfig::new().attention_bytes(
+            request.expected_outputs(),
+            request.width,
+            request.height,
+        );
+        let limit = state.max_job_memory_mib.saturating_mul(1 << 20);
+        if needed > limit {
+            let outputs = match request.media_type {
+                MediaType::Image => "images",
+                MediaType::Video => "frames",
+            };
+            return SubmitResponse::BadRequest(ErrorBody::new(
+                "bad_request",
+                format!(
+                    "width, height, {outputs}: this job needs about {} MiB for the model's \
+                     attention alone, more than this service allows a job \
+                     (max_job_memory_mib = {}); ask for fewer or smaller outputs",
+                    needed.div_ceil(1 << 20),
+                    state.max_job_memory_mib
+                ),
+            ));
+        }
         let job = Job {
             id: Uuid::new_v4(),
             user_id: auth.0.sub.clone(),

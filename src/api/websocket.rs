@@ -41,8 +41,25 @@ const CLIENT_FRAME_BYTES: usize = 4096;
 pub struct ChannelQuery {
     /// A JWT, for clients that cannot set headers.
     token: Option<String>,
-    /// The last sequence number the client received.
-    after_seq: Option<u64>,
+    /// The last sequence number the client received; read by `after_seq()`, so that a bad
+    /// value gets an answer that names it.
+    after_seq: Option<String>,
+}
+
+impl ChannelQuery {
+    fn after_seq(&self) -> Result<Option<u64>, String> {
+        self.after_seq
+            .as_deref()
+            .map(|text| {
+                text.parse::<u64>().map_err(|_| {
+                    format!(
+                        "after_seq: `{text}` is not a sequence number (a whole number from 0 to {})",
+                        u64::MAX
+                    )
+                })
+            })
+            .transpose()
+    }
 }
 
 /// Upgrades to the channel `system` once the token is checked.
@@ -54,7 +71,10 @@ pub async fn system_channel(
     Data(state): Data<&AppState>,
     RemoteAddr(remote): &RemoteAddr,
 ) -> Response {
-    let Some(token) = bearer_token(request).map(str::to_owned).or(query.token) else {
+    let Some(token) = bearer_token(request)
+        .map(str::to_owned)
+        .or(query.token.clone())
+    else {
         return to_json_error(poem::Error::from_string(
             "a bearer token is needed, in the Authorization header or the `token` parameter",
             StatusCode::UNAUTHORIZED,
@@ -74,14 +94,19 @@ pub async fn system_channel(
         .into_response();
     }
 
+    let after_seq = match query.after_seq() {
+        Ok(after_seq) => after_seq,
+        Err(message) => {
+            return ErrorBody::new("bad_request", message)
+                .with_status(StatusCode::BAD_REQUEST)
+                .into_response();
+        }
+    };
     let subscription = match state
         .runtime
         .broadcast
         .call(
-            |reply| BroadcastMessage::Subscribe {
-                after_seq: query.after_seq,
-                reply,
-            },
+            |reply| BroadcastMessage::Subscribe { after_seq, reply },
             None,
         )
         .await

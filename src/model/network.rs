@@ -38,6 +38,18 @@ pub struct DenoiserConfig {
     pub heads: usize,
 }
 
+impl DenoiserConfig {
+    /// Bytes the self-attention's score matrices take for `batch` images of `width`×`height`:
+    /// every head compares every pixel of the quarter-resolution map with every other, and the
+    /// scores and their softmax are alive together. It grows with the fourth power of the
+    /// side and dwarfs every other tensor of a large job.
+    pub fn attention_bytes(&self, batch: u32, width: u32, height: u32) -> u64 {
+        let tokens = u64::from(width / 4) * u64::from(height / 4);
+        let scores = u64::from(batch) * self.heads as u64 * tokens * tokens;
+        2 * scores * std::mem::size_of::<f32>() as u64
+    }
+}
+
 /// A residual block conditioned on the embedding.
 #[derive(Module, Debug)]
 pub struct ResBlock<B: Backend> {

@@ -96,6 +96,7 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
         retention_days: 0,
         max_pending_jobs: options.max_pending_jobs,
         telemetry_cache_size: 64,
+        max_job_memory_mib: 8192,
     };
     let factory = options.factory.unwrap_or_else(|| devices::factory(None));
     let app = Application::build_with(&settings, options.devices, factory)

@@ -1,5 +1,6 @@
 //! Jobs end to end: submitted, measured, stored, served; outputs reproducible.
 
+use sea_orm::ConnectionTrait;
 use serde_json::json;
 
 use crate::helpers::{small_image, small_video, spawn_app};
@@ -99,6 +100,15 @@ async fn invalid_requests_are_refused_with_the_field_named() {
             json!({"media_type": "image", "prompt": "x", "model": "sdxl"}),
             "model",
         ),
+        // Within every field's range, but its attention would need about 128 GiB.
+        (
+            json!({"media_type": "image", "prompt": "x", "width": 512, "height": 512, "images": 16}),
+            "images",
+        ),
+        (
+            json!({"media_type": "video", "prompt": "x", "width": 256, "height": 256, "frames": 120}),
+            "frames",
+        ),
     ];
     for (body, field) in cases {
         let response = app
@@ -115,6 +125,17 @@ async fn invalid_requests_are_refused_with_the_field_named() {
         let message = error["message"].as_str().unwrap();
         assert!(message.contains(field), "`{message}` names `{field}`");
     }
+    let huge = json!({"media_type": "image", "prompt": "x", "pad": "a".repeat(100_000)});
+    let response = app.submit_response(&huge).await;
+    assert_eq!(response.status(), 413);
+    let error: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(error["error"], "payload_too_large");
+    let jobs = app.db.query_one_raw(sea_orm::Statement::from_string(
+        app.db.get_database_backend(),
+        "SELECT COUNT(*) AS n FROM generation_jobs",
+    ));
+    let jobs: i64 = jobs.await.unwrap().unwrap().try_get("", "n").unwrap();
+    assert_eq!(jobs, 0, "no refused job is queued");
     app.stop().await;
 }
 

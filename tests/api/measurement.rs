@@ -608,3 +608,36 @@ async fn a_failed_synchronisation_leaves_a_failed_row() {
     assert_eq!(later["status"], "succeeded", "{later}");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_job_still_running_when_a_stop_stops_waiting_is_recorded_as_failed() {
+    use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+    use seidra::storage::entities::generation_metrics;
+
+    let gpus = FakeGpus::named(&["cuda:0"]);
+    let app = spawn_app_with(gpus.app_options()).await;
+    // Two minutes of steps: longer than a stop waits for a running job.
+    let long = app.submit(scripted_image("alloc 8; steps 240 500")).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while app.job(&long).await["status"] != "running" {
+        assert!(tokio::time::Instant::now() < deadline, "the job never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let db = app.db.clone();
+    app.stop().await;
+
+    let row = generation_metrics::Entity::find()
+        .filter(generation_metrics::Column::JobId.eq(long.clone()))
+        .all(&db)
+        .await
+        .unwrap();
+    assert_eq!(row.len(), 1, "one row, however the job's work ends");
+    assert_eq!(row[0].status, "failed");
+    assert_eq!(row[0].extra["error"]["kind"], "service_stopped");
+    assert_eq!(row[0].device, "cuda:0");
+    assert!(
+        row[0].duration_seconds >= 29.0,
+        "{}",
+        row[0].duration_seconds
+    );
+}

@@ -130,9 +130,23 @@ async fn a_reconnecting_client_gets_what_it_missed_or_is_told_to_reload() {
         assert_eq!(&next_json(&mut socket).await, expected);
     }
 
-    let mut stale = connect(&app, "&after_seq=9999").await;
-    let notice = next_json(&mut stale).await;
-    assert_eq!(notice["type"], "reload");
+    for ahead in ["9999", &u64::MAX.to_string()] {
+        let mut stale = connect(&app, &format!("&after_seq={ahead}")).await;
+        let notice = next_json(&mut stale).await;
+        assert_eq!(notice["type"], "reload", "after_seq={ahead}");
+    }
+    for bad in ["abc", "-1", "1.5", "18446744073709551616"] {
+        let url = format!("{}?token={}&after_seq={bad}", app.ws_url, app.token);
+        let error = connect_async(url).await.expect_err("refused");
+        let tokio_tungstenite::tungstenite::Error::Http(response) = error else {
+            panic!("after_seq={bad}: refused before the upgrade, got {error:?}");
+        };
+        assert_eq!(response.status().as_u16(), 400, "after_seq={bad}");
+        let body = String::from_utf8(response.body().clone().unwrap_or_default()).unwrap();
+        assert!(body.contains("after_seq"), "after_seq={bad}: {body}");
+    }
+    let after = app.submit(small_image(9)).await;
+    app.wait_for_job(&after).await;
     app.stop().await;
 }
 
