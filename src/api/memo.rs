@@ -107,21 +107,42 @@ struct Entry<T> {
     state: State,
     window: Option<Window>,
     answer: JsonBytes<T>,
+    /// Whether the answer for the window that follows has been asked for.
+    successor_asked: bool,
+}
+
+/// The answers kept for one question: the one in use and, for a window, the one that takes
+/// over when it stops holding.
+struct Kept<T> {
+    entries: Vec<Entry<T>>,
     stored: u64,
 }
 
 /// Locks that let one request at a time build the answer to a question (striped by hash).
 const BUILDERS: usize = 16;
 
+/// How far past the last start an answer holds for its successor's window starts: the
+/// finest step of a stored `created_at`.
+const SUCCESSOR_STEP: chrono::TimeDelta = chrono::TimeDelta::milliseconds(1);
+
 /// A bounded map of questions to serialised answers.
 pub struct Answers<T> {
     capacity: usize,
-    entries: Mutex<(HashMap<Question, Entry<T>>, u64)>,
+    entries: Mutex<(HashMap<Question, Kept<T>>, u64)>,
     builders: [tokio::sync::Mutex<()>; BUILDERS],
 }
 
+/// A kept answer, and the window start of the answer that follows when it should be built
+/// now (before it is needed, so that no request waits for it).
+pub struct Hit<T> {
+    /// The answer.
+    pub answer: JsonBytes<T>,
+    /// Where the next window's answer starts, when nobody has built it yet.
+    pub build_next: Option<DateTime<Utc>>,
+}
+
 impl<T> Answers<T> {
-    /// Keeps at most `capacity` answers; 0 keeps none.
+    /// Keeps answers to at most `capacity` questions; 0 keeps none.
     pub fn new(capacity: usize) -> Self {
         Answers {
             capacity,
@@ -132,9 +153,6 @@ impl<T> Answers<T> {
 
     /// Waits until no other request builds an answer to `question` (or to a question that
     /// shares its lock): requests that miss together then build it once, not each.
-    // FIXME: those requests wait for the build (10–20 ms on a busy 2-core host), which keeps
-    // the `minutes=60` p99 at 32 connections near 70 ms against a 10 ms target. A window's
-    // answer knows when it stops holding, so its successor could be built before then.
     pub async fn build(&self, question: &Question) -> tokio::sync::MutexGuard<'_, ()> {
         let mut hasher = std::hash::DefaultHasher::new();
         question.hash(&mut hasher);
@@ -154,18 +172,39 @@ impl<T> Answers<T> {
         question: &Question,
         state: State,
         since: Option<DateTime<Utc>>,
-    ) -> Option<JsonBytes<T>> {
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = entries.0.get(question)?;
-        let holds = match (entry.window, since) {
-            (None, None) => true,
-            (Some(window), Some(since)) => window.since <= since && since <= window.until,
-            _ => false,
-        };
-        (entry.state == state && holds).then(|| entry.answer.clone())
+    ) -> Option<Hit<T>> {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let kept = entries.0.get_mut(question)?;
+        let latest_start = kept
+            .entries
+            .iter()
+            .filter(|entry| entry.state == state)
+            .filter_map(|entry| entry.window.map(|window| window.since))
+            .max();
+        let entry = kept.entries.iter_mut().find(|entry| {
+            entry.state == state
+                && match (entry.window, since) {
+                    (None, None) => true,
+                    (Some(window), Some(since)) => window.since <= since && since <= window.until,
+                    _ => false,
+                }
+        })?;
+        let mut build_next = None;
+        if let Some(window) = entry.window
+            && !entry.successor_asked
+            && latest_start == Some(window.since)
+        {
+            entry.successor_asked = true;
+            build_next = Some(window.until + SUCCESSOR_STEP);
+        }
+        Some(Hit {
+            answer: entry.answer.clone(),
+            build_next,
+        })
     }
 
-    /// Keeps `answer`, built in `state` for `window`, in place of the oldest kept when full.
+    /// Keeps `answer`, built in `state` for `window`, beside the one it follows (answers built
+    /// in another state go); makes room by dropping the question kept longest ago.
     pub fn put(
         &self,
         question: Question,
@@ -182,21 +221,31 @@ impl<T> Answers<T> {
         if map.len() >= self.capacity && !map.contains_key(&question) {
             let oldest = map
                 .iter()
-                .min_by_key(|(_, entry)| entry.stored)
+                .min_by_key(|(_, kept)| kept.stored)
                 .map(|(question, _)| question.clone());
             if let Some(oldest) = oldest {
                 map.remove(&oldest);
             }
         }
-        map.insert(
-            question,
-            Entry {
-                state,
-                window,
-                answer,
-                stored: *clock,
-            },
-        );
+        let kept = map.entry(question).or_insert_with(|| Kept {
+            entries: Vec::new(),
+            stored: 0,
+        });
+        kept.stored = *clock;
+        kept.entries
+            .retain(|entry| entry.state == state && entry.window.is_some() && window.is_some());
+        kept.entries.push(Entry {
+            state,
+            window,
+            answer,
+            successor_asked: false,
+        });
+        // The answer in use and the one that follows it.
+        kept.entries
+            .sort_by_key(|entry| entry.window.map(|window| window.since));
+        while kept.entries.len() > 2 {
+            kept.entries.remove(0);
+        }
     }
 }
 
@@ -239,7 +288,9 @@ mod tests {
         };
         answers.put(question(50), STATE, Some(window), answer("a"));
         assert_eq!(
-            answers.get(&question(50), STATE, Some(at(100))).map(body),
+            answers
+                .get(&question(50), STATE, Some(at(100)))
+                .map(|hit| body(hit.answer)),
             Some("\"a\"".to_owned())
         );
         for (state, since) in [
@@ -264,6 +315,51 @@ mod tests {
         }
         assert!(answers.get(&question(50), STATE, None).is_none());
         assert!(answers.get(&question(10), STATE, Some(at(10))).is_none());
+    }
+
+    #[test]
+    fn a_used_window_asks_once_for_its_successor_which_takes_over() {
+        let answers = Answers::new(4);
+        let window = |since, until| {
+            Some(Window {
+                since: at(since),
+                until: at(until),
+            })
+        };
+        let next_of = |seconds| at(seconds) + SUCCESSOR_STEP;
+        answers.put(question(50), STATE, window(0, 100), answer("a"));
+        let first = answers.get(&question(50), STATE, Some(at(10))).unwrap();
+        assert_eq!(first.build_next, Some(next_of(100)));
+        let again = answers.get(&question(50), STATE, Some(at(20))).unwrap();
+        assert_eq!(again.build_next, None, "asked once");
+
+        let successor = Window {
+            since: next_of(100),
+            until: at(200),
+        };
+        answers.put(question(50), STATE, Some(successor), answer("b"));
+        let hit = |since| {
+            answers
+                .get(&question(50), STATE, Some(at(since)))
+                .map(|hit| (body(hit.answer), hit.build_next))
+        };
+        assert_eq!(hit(50), Some(("\"a\"".to_owned(), None)), "still in use");
+        assert_eq!(hit(150), Some(("\"b\"".to_owned(), Some(next_of(200)))));
+
+        let third = Window {
+            since: next_of(200),
+            until: at(300),
+        };
+        answers.put(question(50), STATE, Some(third), answer("c"));
+        assert_eq!(hit(50), None, "two answers per question are kept");
+        assert_eq!(hit(250).map(|(text, _)| text), Some("\"c\"".to_owned()));
+
+        let moved = State {
+            recent_seq: 4,
+            ..STATE
+        };
+        answers.put(question(50), moved, window(0, 100), answer("d"));
+        assert_eq!(hit(250), None, "answers of an earlier state go");
     }
 
     #[test]

@@ -284,33 +284,94 @@ async fn answer(
     since: Option<DateTime<Utc>>,
 ) -> Result<JsonBytes<TelemetryResponse>, DbErr> {
     let answers = &state.answers;
+    if !answers.enabled() {
+        return Ok(build(state, &question, since).await?.answer);
+    }
     let mut building = None;
-    let changes = if answers.enabled() {
-        loop {
-            // Read before the answer is built: a change made meanwhile moves it past what is
-            // kept.
-            let changes = rollup::changes(&state.db).await?.unwrap_or_default();
-            let kept = answers.get(
-                &question,
-                memo::State {
-                    changes,
-                    recent_seq: recent_seq(state).await,
-                },
-                since,
-            );
-            if let Some(kept) = kept {
-                return Ok(kept);
+    let changes = loop {
+        // Read before the answer is built: a change made meanwhile moves it past what is kept.
+        let changes = rollup::changes(&state.db).await?.unwrap_or_default();
+        let kept = answers.get(
+            &question,
+            memo::State {
+                changes,
+                recent_seq: recent_seq(state).await,
+            },
+            since,
+        );
+        if let Some(hit) = kept {
+            if let Some(next) = hit.build_next {
+                tokio::spawn(build_ahead(state.clone(), question, next));
             }
-            if building.is_some() {
-                break Some(changes);
-            }
-            // Another request may have built it while this one waited: look again.
-            building = Some(answers.build(&question).await);
+            return Ok(hit.answer);
         }
-    } else {
-        None
+        if building.is_some() {
+            break changes;
+        }
+        // Another request may have built it while this one waited: look again.
+        building = Some(answers.build(&question).await);
     };
+    let built = build(state, &question, since).await?;
+    let answer = built.answer.clone();
+    keep(state, question.clone(), changes, built);
+    drop(building);
+    // The window's next answer, so that no request waits when this one stops holding.
+    let next = answers
+        .get(
+            &question,
+            memo::State {
+                changes,
+                recent_seq: recent_seq(state).await,
+            },
+            since,
+        )
+        .and_then(|hit| hit.build_next);
+    if let Some(next) = next {
+        tokio::spawn(build_ahead(state.clone(), question, next));
+    }
+    Ok(answer)
+}
 
+/// Builds and keeps the answer to `question` for a window that starts at `since`, ahead of
+/// the requests that will need it. It is exact whenever it is sent: rows committed later
+/// change the counters it was built with.
+async fn build_ahead(state: AppState, question: Question, since: DateTime<Utc>) {
+    let _building = state.answers.build(&question).await;
+    let built = async {
+        let changes = rollup::changes(&state.db).await?.unwrap_or_default();
+        Ok::<_, DbErr>((changes, build(&state, &question, Some(since)).await?))
+    };
+    match built.await {
+        Ok((changes, built)) => keep(&state, question, changes, built),
+        Err(error) => tracing::warn!(error = %error, "building a telemetry answer ahead failed"),
+    }
+}
+
+/// A built answer and what it depends on.
+struct Built {
+    answer: JsonBytes<TelemetryResponse>,
+    recent_seq: u64,
+    window: Option<Window>,
+}
+
+fn keep(state: &AppState, question: Question, changes: rollup::Changes, built: Built) {
+    state.answers.put(
+        question,
+        memo::State {
+            changes,
+            recent_seq: built.recent_seq,
+        },
+        built.window,
+        built.answer,
+    );
+}
+
+/// Builds the answer to `question` for a window starting at `since`.
+async fn build(
+    state: &AppState,
+    question: &Question,
+    since: Option<DateTime<Utc>>,
+) -> Result<Built, DbErr> {
     let filter = TelemetryFilter {
         since,
         ..question.filter.clone()
@@ -339,28 +400,18 @@ async fn answer(
             })
             .collect(),
     });
-    if let Some(changes) = changes {
-        let window = match since {
-            Some(since) => Some(Window {
-                since,
-                until: queries::same_summary_until(
-                    since,
-                    queries::oldest(&state.db, &filter).await?,
-                ),
-            }),
-            None => None,
-        };
-        answers.put(
-            question,
-            memo::State {
-                changes,
-                recent_seq,
-            },
-            window,
-            answer.clone(),
-        );
-    }
-    Ok(answer)
+    let window = match since {
+        Some(since) if state.answers.enabled() => Some(Window {
+            since,
+            until: queries::same_summary_until(since, queries::oldest(&state.db, &filter).await?),
+        }),
+        _ => None,
+    };
+    Ok(Built {
+        answer,
+        recent_seq,
+        window,
+    })
 }
 
 /// The sequence number of the newest recent event; 0 when the BroadcastActor cannot say,
