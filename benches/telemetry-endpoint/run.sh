@@ -257,8 +257,14 @@ bench_backend() {
       curl -sf -o /dev/null -H "Authorization: Bearer $token" "$SEIDRA_URL$uri" || return 1
       local wrk_out
       wrk_out=$results/wrk-$(label "$scenario" | tr -c 'a-z0-9\n' '_')-$mode.txt
-      local background
+      # A fresh service may still be refreshing SQLite's statistics (`PRAGMA optimize` at
+      # start): wait, up to a minute, for the machine to settle, so that wrk measures answers.
+      local background tries=0
       background=$(cpu_busy_pct 3)
+      while [ "$background" -ge 10 ] && [ "$tries" -lt 20 ]; do
+        background=$(cpu_busy_pct 3)
+        tries=$((tries + 1))
+      done
       echo
       log "machine CPU busy before the run (service idle): $background % (load average $(cut -d' ' -f1-3 /proc/loadavg))"
       log "wrk -t$threads -c$connections -d$duration --latency --timeout $wrk_timeout $(label "$scenario"), answers $mode"

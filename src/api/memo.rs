@@ -121,10 +121,6 @@ struct Kept<T> {
 /// Locks that let one request at a time build the answer to a question (striped by hash).
 const BUILDERS: usize = 16;
 
-/// How far past the last start an answer holds for its successor's window starts: the
-/// finest step of a stored `created_at`.
-const SUCCESSOR_STEP: chrono::TimeDelta = chrono::TimeDelta::milliseconds(1);
-
 /// A bounded map of questions to serialised answers.
 pub struct Answers<T> {
     capacity: usize,
@@ -132,12 +128,13 @@ pub struct Answers<T> {
     builders: [tokio::sync::Mutex<()>; BUILDERS],
 }
 
-/// A kept answer, and the window start of the answer that follows when it should be built
-/// now (before it is needed, so that no request waits for it).
+/// A kept answer, and where the answer that follows starts when it should be built now
+/// (before it is needed, so that no request waits for it).
 pub struct Hit<T> {
     /// The answer.
     pub answer: JsonBytes<T>,
-    /// Where the next window's answer starts, when nobody has built it yet.
+    /// The window start after which the next answer holds (not at it), when nobody has
+    /// built it yet.
     pub build_next: Option<DateTime<Utc>>,
 }
 
@@ -195,7 +192,7 @@ impl<T> Answers<T> {
             && latest_start == Some(window.since)
         {
             entry.successor_asked = true;
-            build_next = Some(window.until + SUCCESSOR_STEP);
+            build_next = Some(window.until);
         }
         Some(Hit {
             answer: entry.answer.clone(),
@@ -326,15 +323,15 @@ mod tests {
                 until: at(until),
             })
         };
-        let next_of = |seconds| at(seconds) + SUCCESSOR_STEP;
         answers.put(question(50), STATE, window(0, 100), answer("a"));
         let first = answers.get(&question(50), STATE, Some(at(10))).unwrap();
-        assert_eq!(first.build_next, Some(next_of(100)));
+        assert_eq!(first.build_next, Some(at(100)));
         let again = answers.get(&question(50), STATE, Some(at(20))).unwrap();
         assert_eq!(again.build_next, None, "asked once");
 
+        let after = |seconds| at(seconds) + chrono::TimeDelta::nanoseconds(1);
         let successor = Window {
-            since: next_of(100),
+            since: after(100),
             until: at(200),
         };
         answers.put(question(50), STATE, Some(successor), answer("b"));
@@ -344,10 +341,10 @@ mod tests {
                 .map(|hit| (body(hit.answer), hit.build_next))
         };
         assert_eq!(hit(50), Some(("\"a\"".to_owned(), None)), "still in use");
-        assert_eq!(hit(150), Some(("\"b\"".to_owned(), Some(next_of(200)))));
+        assert_eq!(hit(150), Some(("\"b\"".to_owned(), Some(at(200)))));
 
         let third = Window {
-            since: next_of(200),
+            since: after(200),
             until: at(300),
         };
         answers.put(question(50), STATE, Some(third), answer("c"));

@@ -332,17 +332,28 @@ async fn answer(
     Ok(answer)
 }
 
-/// Builds and keeps the answer to `question` for a window that starts at `since`, ahead of
-/// the requests that will need it. It is exact whenever it is sent: rows committed later
-/// change the counters it was built with.
-async fn build_ahead(state: AppState, question: Question, since: DateTime<Utc>) {
+/// Builds and keeps the answer to `question` for the windows that start after `after` (the
+/// last start the answer in use holds for), ahead of the requests that will need it. It is
+/// exact whenever it is sent: rows committed later change the counters it was built with.
+async fn build_ahead(state: AppState, question: Question, after: DateTime<Utc>) {
+    // No `created_at` lies strictly between `after` and `after + step`, the finest step of
+    // the column on the backend; so the rows from there on are the rows after `after`.
+    let step = match state.db.get_database_backend() {
+        sea_orm::DatabaseBackend::Postgres => chrono::TimeDelta::microseconds(1),
+        _ => chrono::TimeDelta::milliseconds(1),
+    };
     let _building = state.answers.build(&question).await;
     let built = async {
         let changes = rollup::changes(&state.db).await?.unwrap_or_default();
-        Ok::<_, DbErr>((changes, build(&state, &question, Some(since)).await?))
+        Ok::<_, DbErr>((changes, build(&state, &question, Some(after + step)).await?))
     };
     match built.await {
-        Ok((changes, built)) => keep(&state, question, changes, built),
+        Ok((changes, mut built)) => {
+            if let Some(window) = &mut built.window {
+                window.since = after + chrono::TimeDelta::nanoseconds(1);
+            }
+            keep(&state, question, changes, built);
+        }
         Err(error) => tracing::warn!(error = %error, "building a telemetry answer ahead failed"),
     }
 }
