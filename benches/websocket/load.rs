@@ -74,7 +74,7 @@ enum Mode {
         #[arg(
             long,
             value_delimiter = ',',
-            default_value = "100,500,1000,2000,5000,10000,20000"
+            default_value = "100,500,1000,2000,5000,10000,20000,30000,50000"
         )]
         rates: Vec<u32>,
         #[arg(long, default_value_t = 5)]

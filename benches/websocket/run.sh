@@ -12,7 +12,7 @@
 #      second for BENCH_SECONDS (60): latency from `emitted_at` to receipt (p50/p90/p99/max),
 #      messages delivered per second, seq gaps, clients closed, the service's CPU (from
 #      /proc/<pid>/stat) and RSS (VmRSS sampled every second, VmHWM);
-#   4. max-rate: one client, BENCH_MAX_RATES messages per second (100,...,20000), each for
+#   4. max-rate: one client, BENCH_MAX_RATES messages per second (100,...,50000), each for
 #      BENCH_STEP_SECONDS (5), until it misses a message, is closed or falls short of the rate.
 #
 # The service publishes one `telemetry.generation` message for every row another instance
@@ -36,7 +36,7 @@ clients=${BENCH_CLIENTS:-1000}
 rate=${BENCH_RATE:-100}
 seconds=${BENCH_SECONDS:-60}
 queue=${BENCH_CLIENT_QUEUE:-4096}
-max_rates=${BENCH_MAX_RATES:-100,500,1000,2000,5000,10000,20000}
+max_rates=${BENCH_MAX_RATES:-100,500,1000,2000,5000,10000,20000,30000,50000}
 step_seconds=${BENCH_STEP_SECONDS:-5}
 rows=${BENCH_ROWS:-$((rate * seconds + ($(tr ',' '+' <<< "$max_rates")) * step_seconds))}
 pg_url=${BENCH_PG_URL:-postgres://postgres@127.0.0.1:5432}
