@@ -51,7 +51,11 @@ async fn connect_sqlite(url: &str) -> Result<DatabaseConnection, DbErr> {
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Normal)
         .busy_timeout(Duration::from_secs(5))
-        .foreign_keys(true);
+        .foreign_keys(true)
+        // sqlx hands rows over from its SQLite thread through a channel of this many; with the
+        // default, 50, that thread waits for the reader every 50 rows of a summary's thousands
+        // (a single built `minutes=60` answer over 1 M rows took 17 ms instead of 8 to 12).
+        .row_buffer_size(4096);
     let pool = sea_orm::sqlx::pool::PoolOptions::<sea_orm::sqlx::Sqlite>::new()
         .max_connections(8)
         .connect_with(options)
