@@ -223,16 +223,16 @@ impl Application {
                 _ = stop => tracing::info!("shutting down"),
                 _ = runtime_gone => {}
             }
+            // Jobs end and their rows are committed and published while the channel's
+            // clients are still there to receive them; then the clients are closed.
+            let _ = supervisor
+                .call(SupervisorMessage::Shutdown, Some(Duration::from_secs(60)))
+                .await;
             let _ = shutdown.send(true);
         };
         Server::new_with_acceptor(self.acceptor)
             .run_with_graceful_shutdown(app, signal, Some(Duration::from_secs(10)))
             .await?;
-
-        let supervisor = &self.state.runtime.supervisor;
-        let _ = supervisor
-            .call(SupervisorMessage::Shutdown, Some(Duration::from_secs(60)))
-            .await;
         tracing::info!("stopped");
         Ok(())
     }
@@ -241,12 +241,20 @@ impl Application {
 /// The largest request body taken: a job's body is a few KiB at most.
 const MAX_BODY_BYTES: u64 = 64 * 1024;
 
-/// Refuses a body that says it is larger than `MAX_BODY_BYTES` with 413, and cuts one that
-/// turns out larger (it then fails to parse), so that no request can fill the memory.
+/// Refuses with 413 a body larger than `MAX_BODY_BYTES`, whether its `Content-Length` says so
+/// or it turns out so while read (a chunked body), so that no request can fill the memory.
 async fn limit_body<E: Endpoint>(
     endpoint: Arc<E>,
     mut request: poem::Request,
 ) -> poem::Result<poem::Response> {
+    let too_large = |length: String| {
+        Ok(ErrorBody::new(
+            "payload_too_large",
+            format!("the body has {length} bytes; at most {MAX_BODY_BYTES} are taken"),
+        )
+        .with_status(StatusCode::PAYLOAD_TOO_LARGE)
+        .into_response())
+    };
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -254,15 +262,25 @@ async fn limit_body<E: Endpoint>(
     if let Some(length) = declared
         && length > MAX_BODY_BYTES
     {
-        return Ok(ErrorBody::new(
-            "payload_too_large",
-            format!("the body has {length} bytes; at most {MAX_BODY_BYTES} are taken"),
-        )
-        .with_status(StatusCode::PAYLOAD_TOO_LARGE)
-        .into_response());
+        return too_large(length.to_string());
     }
-    let body = request.take_body().into_async_read();
-    request.set_body(poem::Body::from_async_read(body.take(MAX_BODY_BYTES)));
+    let mut body = Vec::new();
+    request
+        .take_body()
+        .into_async_read()
+        .take(MAX_BODY_BYTES + 1)
+        .read_to_end(&mut body)
+        .await
+        .map_err(|error| {
+            poem::Error::from_string(
+                format!("the body could not be read: {error}"),
+                StatusCode::BAD_REQUEST,
+            )
+        })?;
+    if body.len() as u64 > MAX_BODY_BYTES {
+        return too_large(format!("more than {MAX_BODY_BYTES}"));
+    }
+    request.set_body(body);
     Ok(endpoint.call(request).await?.into_response())
 }
 

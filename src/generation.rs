@@ -86,6 +86,7 @@ impl JobStatus {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Object)]
 pub struct LoraSpec {
     /// The adapter's name.
+    #[oai(validator(min_length = 1, max_length = 128, pattern = "^[^\\x00]*$"))]
     pub name: String,
     /// Its strength, usually between 0 and 1.
     #[oai(default = "default_lora_weight")]

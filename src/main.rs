@@ -62,14 +62,14 @@ enum Command {
     },
     /// Mint a JWT from the configured secret.
     Token {
-        /// The token's subject.
-        #[arg(long, default_value = "operator")]
+        /// The token's subject: 1 to 256 characters, what `user_id` filters on.
+        #[arg(long, default_value = "operator", value_parser = subject)]
         user: String,
         /// The token's role.
         #[arg(long, value_enum, default_value = "operator")]
         role: Role,
-        /// Validity in hours.
-        #[arg(long, default_value_t = 24)]
+        /// Validity in hours, 1 to 87,600 (ten years).
+        #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(i64).range(1..=87_600))]
         hours: i64,
     },
     /// Delete rows of generation_metrics older than a window, in small batches.
@@ -256,4 +256,34 @@ async fn migrate(settings: &Settings, action: MigrateAction) -> anyhow::Result<(
         }
     }
     Ok(())
+}
+
+/// A token subject the endpoint's `user_id` filter can select.
+fn subject(text: &str) -> Result<String, String> {
+    let length = text.chars().count();
+    if !(1..=256).contains(&length) {
+        return Err(format!("{length} characters; a user is 1 to 256"));
+    }
+    if text.contains('\0') {
+        return Err("a user has no NUL character".to_owned());
+    }
+    Ok(text.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_is_minted_only_for_a_user_the_endpoint_can_select() {
+        assert!(subject("operator").is_ok());
+        assert!(subject(&"é".repeat(256)).is_ok());
+        assert!(subject("").is_err());
+        assert!(subject(&"u".repeat(257)).is_err());
+        assert!(subject("a\0b").is_err());
+        let hours = |value: &str| Cli::try_parse_from(["seidra", "token", "--hours", value]);
+        assert!(hours("1").is_ok());
+        assert!(hours("0").is_err());
+        assert!(hours("87601").is_err());
+    }
 }

@@ -79,10 +79,32 @@ impl Settings {
                 builder = builder.set_override(*key, value.as_str())?;
             }
         }
-        builder
+        let settings: Settings = builder
             .build()?
             .try_deserialize()
-            .context("invalid settings")
+            .context("invalid settings")?;
+        settings.check()?;
+        Ok(settings)
+    }
+
+    /// Refuses values that would leave the service unable to do its work.
+    fn check(&self) -> anyhow::Result<()> {
+        let at_least_one = [
+            ("client_queue", self.client_queue as u64),
+            ("max_batch", self.max_batch as u64),
+            ("max_pending_jobs", self.max_pending_jobs as u64),
+            ("max_job_memory_mib", self.max_job_memory_mib),
+        ];
+        for (name, value) in at_least_one {
+            if value == 0 {
+                anyhow::bail!(
+                    "invalid settings: {name} must be at least 1 (SEIDRA_{} or `{name}` in the \
+                     settings file)",
+                    name.to_uppercase()
+                );
+            }
+        }
+        Ok(())
     }
 
     /// The name stored in the `host` column.
@@ -95,5 +117,26 @@ impl Settings {
     /// Where job files are written.
     pub fn output_dir(&self) -> PathBuf {
         self.data_dir.join("outputs")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_setting_that_would_stop_the_work_is_refused_by_name() {
+        for name in [
+            "client_queue",
+            "max_batch",
+            "max_pending_jobs",
+            "max_job_memory_mib",
+        ] {
+            let error = Settings::load(None, &[(name, Some("0".to_owned()))])
+                .expect_err("0 is refused")
+                .to_string();
+            assert!(error.contains(name), "{error}");
+        }
+        assert!(Settings::load(None, &[("max_pending_jobs", Some("1".to_owned()))]).is_ok());
     }
 }

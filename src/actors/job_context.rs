@@ -341,22 +341,35 @@ impl JobContextState {
                 tracing::warn!(job.id = %stored.id, "an interrupted job cannot be read; left as it is");
                 continue;
             };
+            // Its submission on this run's clock, so that `total_seconds` is the time from
+            // submission to this row.
+            let age = (chrono::Utc::now() - stored.submitted_at)
+                .to_std()
+                .unwrap_or_default();
+            let submitted = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
             let job = Job {
                 id,
                 user_id: stored.user_id,
                 persona_id: stored.persona_id,
                 request,
-                submitted: Instant::now(),
+                submitted,
                 submitted_at: stored.submitted_at,
                 cancel: CancelFlag::default(),
             };
             tracing::warn!(job.id = %id, "recording a job interrupted by an earlier stop as failed");
+            // FIXME: when a job starts, neither the time nor the device is stored, so a job the
+            // service was killed during is recorded on device `none` with 0 s of queue wait
+            // and of inference, and `extra.timings` says they are unknown; storing both with
+            // the job's start would give its real queue wait and device.
             let ended = Ended::Failed {
                 kind: "interrupted",
                 message: "the service stopped (killed or crashed) before the job ended; it was not run again".to_owned(),
                 elapsed: Duration::ZERO,
             };
-            let row = self.row(&job, None, json!({}), ended, Instant::now());
+            let extra = json!({
+                "timings": "unknown: the service stopped without recording when the job started or ended"
+            });
+            let row = self.row(&job, None, extra, ended, submitted);
             self.accept_without_queueing(job);
             self.append(myself, id, row);
         }

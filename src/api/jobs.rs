@@ -35,10 +35,10 @@ pub enum ModelName {
 #[derive(Debug, Clone, Object)]
 pub struct CommonJobFields {
     /// The text to condition on.
-    #[oai(validator(min_length = 1, max_length = 2000))]
+    #[oai(validator(min_length = 1, max_length = 2000, pattern = "^[^\\x00]*$"))]
     pub prompt: String,
     /// The persona the job is for.
-    #[oai(validator(min_length = 1, max_length = 128))]
+    #[oai(validator(min_length = 1, max_length = 128, pattern = "^[^\\x00]*$"))]
     pub persona_id: Option<String>,
     // The model; default and only choice `seidra-tiny-diffusion` (a field comment would wrap
     // the enum's reference in `allOf`, which generated clients reject).
@@ -56,7 +56,7 @@ pub struct CommonJobFields {
     #[oai(validator(minimum(value = "0")))]
     pub seed: Option<u64>,
     /// The sampler; default `ddim`.
-    #[oai(validator(min_length = 1, max_length = 64))]
+    #[oai(validator(min_length = 1, max_length = 64, pattern = "^[^\\x00]*$"))]
     pub scheduler: Option<String>,
     /// LoRA adapters to apply.
     #[oai(validator(max_items = 8))]

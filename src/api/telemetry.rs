@@ -223,16 +223,16 @@ impl TelemetryApi {
         /// Only `image` or `video` rows.
         media_type: Query<Option<MediaType>>,
         /// Only this model.
-        #[oai(validator(min_length = 1, max_length = 256))]
+        #[oai(validator(min_length = 1, max_length = 256, pattern = "^[^\\x00]*$"))]
         model_name: Query<Option<String>>,
         /// Only this user's jobs.
-        #[oai(validator(min_length = 1, max_length = 256))]
+        #[oai(validator(min_length = 1, max_length = 256, pattern = "^[^\\x00]*$"))]
         user_id: Query<Option<String>>,
         /// Only this persona's jobs.
-        #[oai(validator(min_length = 1, max_length = 256))]
+        #[oai(validator(min_length = 1, max_length = 256, pattern = "^[^\\x00]*$"))]
         persona_id: Query<Option<String>>,
         /// Only this device, e.g. `cpu` or `cuda:0`.
-        #[oai(validator(min_length = 1, max_length = 64))]
+        #[oai(validator(min_length = 1, max_length = 64, pattern = "^[^\\x00]*$"))]
         device: Query<Option<String>>,
         /// Only rows with this status.
         status: Query<Option<RowStatus>>,

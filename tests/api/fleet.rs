@@ -307,6 +307,26 @@ async fn after_kill_9_the_database_is_sound_and_every_finished_job_has_its_row()
         let row = row.unwrap_or_else(|| panic!("job {id} has a row after the restart"));
         if !finished.contains(id) && row["status"] == "failed" {
             assert_eq!(row["extra"]["error"]["kind"], "interrupted");
+            // What is not known is said so, not given as a measurement.
+            assert_eq!(row["queue_wait_seconds"], 0.0);
+            assert_eq!(row["duration_seconds"], 0.0);
+            assert!(
+                row["extra"]["timings"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("unknown")
+            );
+            // What is known: the time from submission to the row.
+            let at = |field: &Value| {
+                chrono::DateTime::parse_from_rfc3339(field.as_str().unwrap()).unwrap()
+            };
+            let lived =
+                (at(&row["created_at"]) - at(&row["extra"]["submitted_at"])).as_seconds_f64();
+            let total = row["extra"]["total_seconds"].as_f64().unwrap();
+            assert!(
+                (total - lived).abs() < 1.0,
+                "total_seconds {total} against {lived} s from submission to the row"
+            );
         }
     }
     restarted.child.kill().unwrap();

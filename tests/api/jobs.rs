@@ -1,7 +1,10 @@
 //! Jobs end to end: submitted, measured, stored, served; outputs reproducible.
 
+use futures_util::StreamExt;
 use sea_orm::ConnectionTrait;
 use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::helpers::{small_image, small_video, spawn_app};
 
@@ -109,6 +112,19 @@ async fn invalid_requests_are_refused_with_the_field_named() {
             json!({"media_type": "video", "prompt": "x", "width": 256, "height": 256, "frames": 120}),
             "frames",
         ),
+        // PostgreSQL's text and JSON take no NUL character; both backends refuse it alike.
+        (
+            json!({"media_type": "image", "prompt": "a\u{0}b"}),
+            "prompt",
+        ),
+        (
+            json!({"media_type": "image", "prompt": "x", "persona_id": "p\u{0}"}),
+            "persona_id",
+        ),
+        (
+            json!({"media_type": "image", "prompt": "x", "loras": [{"name": "a\u{0}"}]}),
+            "name",
+        ),
     ];
     for (body, field) in cases {
         let response = app
@@ -130,6 +146,26 @@ async fn invalid_requests_are_refused_with_the_field_named() {
     assert_eq!(response.status(), 413);
     let error: serde_json::Value = response.json().await.unwrap();
     assert_eq!(error["error"], "payload_too_large");
+    // The same body sent in chunks, with no length announced.
+    let address = app.base_url.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let head = format!(
+        "POST /api/jobs HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
+        app.token
+    );
+    let body = huge.to_string();
+    let mut request = head.into_bytes();
+    for chunk in body.as_bytes().chunks(8192) {
+        request.extend(format!("{:x}\r\n", chunk.len()).as_bytes());
+        request.extend(chunk);
+        request.extend(b"\r\n");
+    }
+    request.extend(b"0\r\n\r\n");
+    stream.write_all(&request).await.unwrap();
+    let mut answer = vec![0; 12];
+    stream.read_exact(&mut answer).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&answer), "HTTP/1.1 413");
     let jobs = app.db.query_one_raw(sea_orm::Statement::from_string(
         app.db.get_database_backend(),
         "SELECT COUNT(*) AS n FROM generation_jobs",
@@ -156,7 +192,7 @@ async fn a_user_reads_their_own_jobs_only() {
 }
 
 #[tokio::test]
-async fn a_stop_lets_the_running_job_finish_and_records_the_queued_ones() {
+async fn a_stop_lets_the_running_job_finish_records_the_queued_ones_and_publishes_both() {
     use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
     use seidra::storage::entities::generation_metrics;
 
@@ -172,7 +208,30 @@ async fn a_stop_lets_the_running_job_finish_and_records_the_queued_ones() {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     let db = app.db.clone();
+    let url = format!("{}?token={}", app.ws_url, app.token);
+    let (mut channel, _) = tokio_tungstenite::connect_async(url).await.unwrap();
     app.stop().await;
+
+    // The channel's clients get both rows before the service closes them, going away.
+    let mut published = Vec::new();
+    let close = loop {
+        match channel.next().await {
+            Some(Ok(Message::Text(text))) => {
+                let event: serde_json::Value = serde_json::from_str(&text).unwrap();
+                if event["type"] == "telemetry.generation" {
+                    published.push(event["data"]["job_id"].as_str().unwrap().to_owned());
+                }
+            }
+            Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(_)) => {}
+            other => panic!("the channel ended without a close frame: {other:?}"),
+        }
+    };
+    assert_eq!(close.map(|frame| u16::from(frame.code)), Some(1001));
+    assert!(
+        published.contains(&running) && published.contains(&queued),
+        "both rows were published before the close: {published:?}"
+    );
 
     let rows = generation_metrics::Entity::find()
         .filter(generation_metrics::Column::JobId.is_in([running.clone(), queued.clone()]))

@@ -185,6 +185,10 @@ async fn out_of_range_and_unknown_parameters_get_400_naming_them() {
         ("minutes=-5", "minutes"),
         ("media_type=audio", "media_type"),
         ("status=running", "status"),
+        ("model_name=a%00", "model_name"),
+        ("user_id=%00", "user_id"),
+        ("persona_id=p%00", "persona_id"),
+        ("device=cpu%00", "device"),
     ] {
         let response = app.telemetry_response(query, Some(&app.token)).await;
         assert_eq!(response.status(), 400, "?{query}");
