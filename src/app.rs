@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -238,6 +239,11 @@ impl Application {
     }
 }
 
+/// A connection on which nothing is read or written for this long is closed (see [`Quiet`]):
+/// a request whose headers never end cannot hold a connection forever. Channel clients get a
+/// ping every `websocket::HEARTBEAT`, so a quiet channel stays open.
+pub const IDLE_CONNECTION: Duration = Duration::from_secs(60);
+
 /// The largest request body taken: a job's body is a few KiB at most.
 const MAX_BODY_BYTES: u64 = 64 * 1024;
 
@@ -316,7 +322,7 @@ impl Application {
 struct NoDelay(TcpAcceptor);
 
 impl Acceptor for NoDelay {
-    type Io = tokio::net::TcpStream;
+    type Io = Quiet;
 
     fn local_addr(&self) -> Vec<LocalAddr> {
         self.0.local_addr()
@@ -325,11 +331,94 @@ impl Acceptor for NoDelay {
     async fn accept(
         &mut self,
     ) -> std::io::Result<(Self::Io, LocalAddr, RemoteAddr, poem::http::uri::Scheme)> {
-        let accepted = self.0.accept().await?;
-        if let Err(error) = accepted.0.set_nodelay(true) {
+        let (io, local, remote, scheme) = self.0.accept().await?;
+        if let Err(error) = io.set_nodelay(true) {
             tracing::debug!(error = %error, "could not set TCP_NODELAY");
         }
-        Ok(accepted)
+        Ok((Quiet::new(io), local, remote, scheme))
+    }
+}
+
+/// A connection that fails once nothing has been read from it or written to it for
+/// `IDLE_CONNECTION`, so that the server drops it. poem's own idle timeout only asks hyper to
+/// close the connection after the request in progress, which never ends when its headers
+/// never do.
+pub struct Quiet {
+    io: tokio::net::TcpStream,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Quiet {
+    fn new(io: tokio::net::TcpStream) -> Self {
+        Quiet {
+            io,
+            deadline: Box::pin(tokio::time::sleep(IDLE_CONNECTION)),
+        }
+    }
+
+    fn active(&mut self) {
+        let next = tokio::time::Instant::now() + IDLE_CONNECTION;
+        self.deadline.as_mut().reset(next);
+    }
+
+    /// What a pending read or write becomes: still pending, or failed when the connection
+    /// has been quiet too long.
+    fn pending<T>(&mut self, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<T>> {
+        match self.deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the connection was quiet too long",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Quiet {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(result) => {
+                this.active();
+                Poll::Ready(result)
+            }
+            Poll::Pending => this.pending(cx),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Quiet {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.io).poll_write(cx, data) {
+            Poll::Ready(result) => {
+                this.active();
+                Poll::Ready(result)
+            }
+            Poll::Pending => this.pending(cx),
+        }
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

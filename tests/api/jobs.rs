@@ -292,3 +292,34 @@ async fn seidra_generate_follows_a_job_to_its_end_and_prints_it() {
     assert_eq!(job["files"][0]["name"], "image-0.png");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_connection_whose_request_never_ends_is_closed_after_a_quiet_minute() {
+    let app = spawn_app().await;
+    let address = app.base_url.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(
+        seidra::app::IDLE_CONNECTION + std::time::Duration::from_secs(15),
+        stream.read_to_end(&mut rest),
+    )
+    .await;
+    assert!(read.is_ok(), "the connection is still open");
+    assert!(started.elapsed() >= seidra::app::IDLE_CONNECTION - std::time::Duration::from_secs(1));
+    // The service goes on serving.
+    assert_eq!(
+        app.client
+            .get(format!("{}/health", app.base_url))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    app.stop().await;
+}
