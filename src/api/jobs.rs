@@ -217,7 +217,7 @@ enum SubmitResponse {
     #[oai(status = 413)]
     #[allow(dead_code)] // answered before the route; listed for the document
     PayloadTooLarge(Json<ErrorBody>),
-    /// The body is not JSON.
+    /// The body is not sent as JSON (`Content-Type` is not `application/json`).
     #[oai(status = 415)]
     #[allow(dead_code)] // answered by body parsing; listed for the document
     UnsupportedMediaType(Json<ErrorBody>),
@@ -233,7 +233,7 @@ enum SubmitResponse {
 #[derive(ApiResponse)]
 #[allow(clippy::large_enum_variant)] // built once per request
 enum GetJobResponse {
-    /// The job id is not a UUID, or the file name is malformed.
+    /// The job id is not a UUID.
     #[oai(status = 400)]
     #[allow(dead_code)] // answered by path parsing; listed for the document
     BadRequest(Json<ErrorBody>),
@@ -254,7 +254,7 @@ enum GetJobResponse {
 
 #[derive(ApiResponse)]
 enum CancelResponse {
-    /// The job id is not a UUID, or the file name is malformed.
+    /// The job id is not a UUID.
     #[oai(status = 400)]
     #[allow(dead_code)] // answered by path parsing; listed for the document
     BadRequest(Json<ErrorBody>),
@@ -286,7 +286,7 @@ enum OutputFile {
 
 #[derive(ApiResponse)]
 enum FileResponse {
-    /// The job id is not a UUID, or the file name is malformed.
+    /// The job id is not a UUID (a file name that is not one of the job's files gets 404).
     #[oai(status = 400)]
     #[allow(dead_code)] // answered by path parsing; listed for the document
     BadRequest(Json<ErrorBody>),
