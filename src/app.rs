@@ -345,6 +345,9 @@ impl Acceptor for NoDelay {
 /// never do.
 pub struct Quiet {
     io: tokio::net::TcpStream,
+    last_active: tokio::time::Instant,
+    /// Armed for `IDLE_CONNECTION` after some past activity; moved on only when it fires,
+    /// so that a busy connection does not touch the timer on every read and write.
     deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
@@ -352,24 +355,30 @@ impl Quiet {
     fn new(io: tokio::net::TcpStream) -> Self {
         Quiet {
             io,
+            last_active: tokio::time::Instant::now(),
             deadline: Box::pin(tokio::time::sleep(IDLE_CONNECTION)),
         }
     }
 
     fn active(&mut self) {
-        let next = tokio::time::Instant::now() + IDLE_CONNECTION;
-        self.deadline.as_mut().reset(next);
+        self.last_active = tokio::time::Instant::now();
     }
 
     /// What a pending read or write becomes: still pending, or failed when the connection
     /// has been quiet too long.
     fn pending<T>(&mut self, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<T>> {
-        match self.deadline.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "the connection was quiet too long",
-            ))),
-            Poll::Pending => Poll::Pending,
+        loop {
+            if self.deadline.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let quiet_until = self.last_active + IDLE_CONNECTION;
+            if quiet_until <= tokio::time::Instant::now() {
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the connection was quiet too long",
+                )));
+            }
+            self.deadline.as_mut().reset(quiet_until);
         }
     }
 }
