@@ -360,13 +360,17 @@ impl Quiet {
         }
     }
 
-    fn active(&mut self) {
-        self.last_active = tokio::time::Instant::now();
-    }
-
-    /// What a pending read or write becomes: still pending, or failed when the connection
-    /// has been quiet too long.
-    fn pending<T>(&mut self, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<T>> {
+    /// What a read or write that was polled becomes: ready counts as activity; pending stays
+    /// pending, or fails once the connection has been quiet too long.
+    fn track<T>(
+        &mut self,
+        polled: Poll<std::io::Result<T>>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<T>> {
+        if polled.is_ready() {
+            self.last_active = tokio::time::Instant::now();
+            return polled;
+        }
         loop {
             if self.deadline.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
@@ -390,13 +394,8 @@ impl tokio::io::AsyncRead for Quiet {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
-        match std::pin::Pin::new(&mut this.io).poll_read(cx, buf) {
-            Poll::Ready(result) => {
-                this.active();
-                Poll::Ready(result)
-            }
-            Poll::Pending => this.pending(cx),
-        }
+        let polled = std::pin::Pin::new(&mut this.io).poll_read(cx, buf);
+        this.track(polled, cx)
     }
 }
 
@@ -407,13 +406,8 @@ impl tokio::io::AsyncWrite for Quiet {
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let this = &mut *self;
-        match std::pin::Pin::new(&mut this.io).poll_write(cx, data) {
-            Poll::Ready(result) => {
-                this.active();
-                Poll::Ready(result)
-            }
-            Poll::Pending => this.pending(cx),
-        }
+        let polled = std::pin::Pin::new(&mut this.io).poll_write(cx, data);
+        this.track(polled, cx)
     }
 
     fn poll_flush(
