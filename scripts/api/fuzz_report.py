@@ -79,16 +79,32 @@ def main() -> int:
         case_id for case_id, results in checks.items()
         if any(result.get("status") == "failure" for result in results)
     }
+    # A job whose outputs together need more memory than max_job_memory_mib is refused with a
+    # 400 that names the rule; the schema cannot state a rule across width, height and images
+    # or frames, so schemathesis sees valid data rejected. Those cases, and only those, are
+    # counted apart: each failed check is positive_data_acceptance on that answer.
+    def refused_by_the_memory_rule(case_id):
+        response = (interactions.get(case_id) or {}).get("response") or {}
+        return (
+            response.get("status_code") == 400
+            and "max_job_memory_mib" in text_of(response.get("content"), limit=100000)
+            and all(result.get("name") == "positive_data_acceptance"
+                    for result in checks[case_id] if result.get("status") == "failure")
+        )
+    memory_refused = {case_id for case_id in failed_ids if refused_by_the_memory_rule(case_id)}
+    failed_ids -= memory_refused
     checked_ids = set(checks)
-    passed_ids = checked_ids - failed_ids
+    passed_ids = checked_ids - failed_ids - memory_refused
     unchecked = set(cases) - checked_ids
 
     by_phase = collections.Counter(phase for phase, _ in cases.values())
     print(f"generated test cases: {len(cases)} ({', '.join(f'{p} {n}' for p, n in sorted(by_phase.items()))})")
     print(f"  with every check run passing: {len(passed_ids)}; with a failed check: {len(failed_ids)}; "
           f"no check recorded (no response): {len(unchecked)}")
+    print(f"  schema-valid jobs refused by the documented memory rule (400 naming max_job_memory_mib,"
+          f" not counted as failures): {len(memory_refused)}")
     by_label = collections.defaultdict(lambda: [0, 0])
-    for case_id in checked_ids:
+    for case_id in checked_ids - memory_refused:
         by_label[cases.get(case_id, ("?", "?"))[1]][0 if case_id in passed_ids else 1] += 1
     singles = [0, 0]
     for label in sorted(by_label):

@@ -52,8 +52,9 @@ pub struct CommonJobFields {
     /// Denoising steps, 1 to 200; default 12.
     #[oai(validator(minimum(value = "1"), maximum(value = "200")))]
     pub steps: Option<u32>,
-    /// Seed of the initial noise; random when unset (the row records it).
-    #[oai(validator(minimum(value = "0")))]
+    /// Seed of the initial noise, 0 to 2^53 − 1 (exact in JavaScript); random when unset (the
+    /// row records it).
+    #[oai(validator(minimum(value = "0"), maximum(value = "9007199254740991")))]
     pub seed: Option<u64>,
     /// The sampler; default `ddim`.
     #[oai(validator(min_length = 1, max_length = 64, pattern = "^[^\\x00]*$"))]
@@ -138,7 +139,7 @@ impl SubmitJobBody {
             width: common.width.unwrap_or(64),
             height: common.height.unwrap_or(64),
             steps: common.steps.unwrap_or(12),
-            seed: common.seed.unwrap_or_else(rand::random),
+            seed: common.seed.unwrap_or_else(|| rand::random::<u64>() >> 11),
             images,
             frames,
             fps,
@@ -209,8 +210,9 @@ enum SubmitResponse {
     /// The job is queued.
     #[oai(status = 202)]
     Accepted(Json<JobAccepted>),
-    /// The request is invalid, or needs more memory than a job may take; the message names
-    /// the fields.
+    /// The request is invalid, or its outputs together need more memory than a job may take
+    /// (`max_job_memory_mib`, a rule across `width`, `height` and `images` or `frames` that
+    /// the schema cannot state); the message names the fields.
     #[oai(status = 400)]
     BadRequest(Json<ErrorBody>),
     /// The body is larger than 64 KiB.

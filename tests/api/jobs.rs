@@ -112,6 +112,11 @@ async fn invalid_requests_are_refused_with_the_field_named() {
             json!({"media_type": "video", "prompt": "x", "width": 256, "height": 256, "frames": 120}),
             "frames",
         ),
+        // Past 2^53 − 1 a seed is no longer exact in JavaScript clients.
+        (
+            json!({"media_type": "image", "prompt": "x", "seed": 9_007_199_254_740_992_u64}),
+            "seed",
+        ),
         // PostgreSQL's text and JSON take no NUL character; both backends refuse it alike.
         (
             json!({"media_type": "image", "prompt": "a\u{0}b"}),
