@@ -166,7 +166,12 @@ struct Submission {
 
 /// Submits a small job; any answer but 202, or a 503 whose JSON body names the reason, fails.
 async fn submit(app: &TestApp, seed: u64) -> Submission {
-    let response = app.submit_response(&small_image(seed)).await;
+    submit_body(app, small_image(seed)).await
+}
+
+/// Submits `body`, as `submit` does.
+async fn submit_body(app: &TestApp, body: Value) -> Submission {
+    let response = app.submit_response(&body).await;
     let status = response.status();
     let body: Value = response
         .json()
@@ -246,7 +251,13 @@ async fn stream_through_outage(
     rows: &DatabaseConnection,
     outage: &mut impl Outage,
 ) -> Seen {
-    let burst = (0..2 * MAX_PENDING_JOBS as u64).map(|seed| submit(app, seed));
+    // Jobs long enough that, when the first has ended, the others still wait for their rows
+    // however busy the machine is.
+    let burst = (0..2 * MAX_PENDING_JOBS as u64).map(|seed| {
+        let mut body = small_image(seed);
+        body["steps"] = 40.into();
+        submit_body(app, body)
+    });
     let before: Vec<Submission> = futures_util::future::join_all(burst).await;
     let accepted = Mutex::new(accepted_ids(&before));
     let mut watcher = Watcher::new(app, rows, &accepted);
