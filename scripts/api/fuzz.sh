@@ -22,8 +22,9 @@
 #
 # Prints each distinct failure (check, operation, status, request as curl, response) and
 # the closing line `fuzz: N passed, N failed` (generated test cases); exits 1 when a case
-# failed, a 5xx was seen or fewer than FUZZ_MIN_CASES cases were generated; 2 when it could
-# not start. Installs on the first run, offline after that.
+# failed or got no response (connection reset, timeout), a 5xx was seen, schemathesis reported
+# an error or exited non-zero for anything but the cases counted apart, or fewer than
+# FUZZ_MIN_CASES cases were generated; 2 when it could not start. Installs on the first run, offline after that.
 set -uo pipefail
 
 [ -n "${FUZZ_REPORT_DIR:-}" ] && FUZZ_REPORT_DIR=$(realpath -m -- "$FUZZ_REPORT_DIR")
@@ -84,4 +85,4 @@ if [ -z "$ndjson" ]; then
   echo "fuzz: 0 passed, 1 failed"
   exit 1
 fi
-.venv/bin/python fuzz_report.py "$ndjson" --min-cases "$min_cases"
+.venv/bin/python fuzz_report.py "$ndjson" --min-cases "$min_cases" --schemathesis-status "$st_status"

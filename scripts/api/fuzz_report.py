@@ -1,13 +1,17 @@
 """Summarises a schemathesis NDJSON report (schemathesis run --report ndjson).
 
-    python fuzz_report.py REPORT.ndjson [--examples N]
+    python fuzz_report.py REPORT.ndjson [--min-cases N] [--schemathesis-status N]
 
 Counts generated test cases (each with its own request), the cases whose checks all passed
 and those where at least one check failed, by phase and by operation; then lists every
 distinct failure (check x operation x response status) with one example: the request, the
-response, and the check's message. Prints the closing line `fuzz: N passed, N failed`
-(test cases). Exits 1 when any case failed, when a 5xx was seen, or when fewer than
---min-cases cases were generated.
+response, and the check's message, and every error schemathesis reported. Prints the closing
+line `fuzz: N passed, N failed` (test cases; a case that got no response counts as failed).
+Exits 1 when any case failed or got no response (connection reset, timeout), when a 5xx was
+seen, when schemathesis reported an error, when fewer than --min-cases cases were generated,
+or when schemathesis's own exit status (--schemathesis-status) says it failed for a reason
+other than the cases counted apart: it exits 1 for those too, so 1 passes only when they are
+all the report finds wrong, and any other status but 0 fails.
 """
 
 import argparse
@@ -52,14 +56,17 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("report")
     parser.add_argument("--min-cases", type=int, default=0)
+    parser.add_argument("--schemathesis-status", type=int, default=0)
     args = parser.parse_args()
 
     cases = {}  # id -> (phase, label)
     checks = {}  # id -> list of check results
     interactions = {}  # id -> interaction
+    errors = []  # (event name, phase, label, message)
     with open(args.report, encoding="utf-8") as report:
         for line in report:
             event = json.loads(line)
+            errors.extend(errors_of(event))
             finished = event.get("ScenarioFinished")
             if not finished:
                 continue
@@ -94,13 +101,18 @@ def main() -> int:
     memory_refused = {case_id for case_id in failed_ids if refused_by_the_memory_rule(case_id)}
     failed_ids -= memory_refused
     checked_ids = set(checks)
-    passed_ids = checked_ids - failed_ids - memory_refused
-    unchecked = set(cases) - checked_ids
+    # A case that got no answer (connection reset, timeout) has no check, or an interaction
+    # without a response: the service failed it as surely as a 5xx would.
+    unanswered = (set(cases) - checked_ids) | {
+        case_id for case_id, interaction in interactions.items()
+        if not (interaction or {}).get("response")
+    }
+    passed_ids = checked_ids - failed_ids - memory_refused - unanswered
 
     by_phase = collections.Counter(phase for phase, _ in cases.values())
     print(f"generated test cases: {len(cases)} ({', '.join(f'{p} {n}' for p, n in sorted(by_phase.items()))})")
     print(f"  with every check run passing: {len(passed_ids)}; with a failed check: {len(failed_ids)}; "
-          f"no check recorded (no response): {len(unchecked)}")
+          f"no response (connection reset, timeout; failed): {len(unanswered)}")
     print(f"  schema-valid jobs refused by the documented memory rule (400 naming max_job_memory_mib,"
           f" not counted as failures): {len(memory_refused)}")
     by_label = collections.defaultdict(lambda: [0, 0])
@@ -191,12 +203,53 @@ def main() -> int:
                 content_type = ", ".join(content_type)
             print(f"      response: {status} ({content_type}) {text_of(response.get('content'), limit=300)}")
 
-    print(f"fuzz: {len(passed_ids)} passed, {len(failed_ids)} failed")
-    ok = not failed_ids and not server_errors
+    if unanswered:
+        print(f"\ncases that got no response: {len(unanswered)}")
+        for case_id in sorted(unanswered)[:10]:
+            request = (interactions.get(case_id) or {}).get("request") or {}
+            label = cases.get(case_id, ("?", "?"))[1]
+            print(f"  * {label}: case {case_id} {request.get('method', '')} {request.get('uri', '')}")
+    if errors:
+        print(f"\nerrors schemathesis reported: {len(errors)}")
+        for name, phase, label, message in errors[:20]:
+            print(f"  * {name} in {phase or '-'} {label or ''}: {message[:300]}")
+
+    failed = failed_ids | unanswered
+    print(f"fuzz: {len(passed_ids)} passed, {len(failed)} failed")
+    ok = not failed and not server_errors and not errors
     if len(cases) < args.min_cases:
         print(f"only {len(cases)} test cases were generated, fewer than {args.min_cases}")
         ok = False
+    explained = args.schemathesis_status == 0 or (
+        args.schemathesis_status == 1 and memory_refused and ok
+    )
+    if ok and not explained:
+        print(f"schemathesis exited {args.schemathesis_status} for a reason this report does not"
+              " show: see its log")
+        ok = False
     return 0 if ok else 1
+
+
+def errors_of(event):
+    """The errors an NDJSON event reports, as (event name, phase, label, message)."""
+    found = []
+    for name in ("NonFatalError", "FatalError"):
+        error = event.get(name)
+        if error is None:
+            continue
+        value = error.get("value") or error.get("exception") or {}
+        message = f"{value.get('type', '')}: {value.get('message', '')}" if isinstance(value, dict) else str(value)
+        phase = error.get("phase")
+        found.append((name, phase if isinstance(phase, str) else None, error.get("label"), message))
+    phase = event.get("PhaseFinished")
+    if phase and phase.get("status") == "error":
+        name = (phase.get("phase") or {}).get("name")
+        found.append(("PhaseFinished", name, None, "the phase ended in error"))
+    finished = event.get("EngineFinished")
+    for failure in (finished or {}).get("failures") or []:
+        title = failure.get("title") if isinstance(failure, dict) else str(failure)
+        found.append(("EngineFinished", None, "after the run", str(title)))
+    return found
 
 
 if __name__ == "__main__":
