@@ -90,8 +90,16 @@ pub struct JobMeter<'a> {
 }
 
 impl<'a> JobMeter<'a> {
-    /// Reads the memory baseline, resets the peak to it, and starts the clock.
+    /// Waits for the device to finish what earlier jobs left queued, then reads the memory
+    /// baseline, resets the peak to it, and starts the clock.
     pub fn start(probe: &'a mut dyn DeviceProbe, sampler: Option<&'a DeviceMemorySampler>) -> Self {
+        // A job that failed or was cancelled is abandoned without waiting for the device, so
+        // its queued work may still be running; on this job's clock it would be counted as
+        // this job's inference. Its fault, if any, belongs to that job, which already has its
+        // failed row.
+        if let Err(error) = probe.synchronize() {
+            tracing::warn!(error = %error, "work left by an earlier job failed on the device");
+        }
         let baseline = probe.allocator_usage().map(|usage| usage.in_use_bytes);
         if let Some(sampler) = sampler {
             sampler.begin_job();
@@ -116,13 +124,19 @@ impl<'a> JobMeter<'a> {
         }
     }
 
+    /// When the clock started: the device had finished earlier work and this job's began.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
     /// Time since the start, for a job that ends early (failure or cancellation).
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
     }
 
     /// Stops the clock of a job that ended without a result, so that the sampler thread goes
-    /// idle again; the device is not waited for, since its work is being dropped.
+    /// idle again. The device is not waited for, since its work is being dropped; the next
+    /// job's [`JobMeter::start`] waits for it instead, before its clock starts.
     pub fn abandon(self) -> Duration {
         let elapsed = self.started.elapsed();
         if let Some(sampler) = self.sampler {
@@ -165,4 +179,45 @@ impl<'a> JobMeter<'a> {
 /// Bytes to MiB.
 pub fn mib(bytes: u64) -> f64 {
     bytes as f64 / BYTES_PER_MIB
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A device with queued work: its allocator frees the work's memory only once
+    /// synchronised.
+    struct Busy {
+        queued_bytes: u64,
+        syncs: u32,
+    }
+
+    impl DeviceProbe for Busy {
+        fn synchronize(&mut self) -> Result<(), SyncError> {
+            self.syncs += 1;
+            self.queued_bytes = 0;
+            Ok(())
+        }
+
+        fn allocator_usage(&mut self) -> Option<AllocatorUsage> {
+            Some(AllocatorUsage {
+                in_use_bytes: (200 << 20) + self.queued_bytes,
+                reserved_bytes: 1 << 30,
+            })
+        }
+    }
+
+    #[test]
+    fn the_start_waits_for_earlier_work_before_reading_the_baseline() {
+        let mut probe = Busy {
+            queued_bytes: 500 << 20,
+            syncs: 0,
+        };
+        let meter = JobMeter::start(&mut probe, None);
+        let measurement = meter.finish().unwrap();
+        let vram = measurement.vram.unwrap();
+        assert_eq!(vram.peak_mib, 200.0, "the earlier work's memory is gone");
+        assert_eq!(vram.delta_mib, 0.0);
+        assert_eq!(probe.syncs, 2, "once at the start, once at the end");
+    }
 }

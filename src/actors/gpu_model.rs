@@ -213,12 +213,19 @@ impl Worker {
     }
 
     fn run(&self, runtime: &mut DeviceRuntime, job: &Job) -> Result<WorkReport, String> {
-        let started = Instant::now();
         let _ = self.job_context.cast(JobContextMessage::JobStarted {
             job_id: job.id,
             device_index: self.index,
         });
         tracing::debug!(job.id = %job.id, device = %self.device, "generation started");
+
+        // A cancel accepted while the job was on its way here: it never starts.
+        if job.cancel.is_cancelled() {
+            return Ok(WorkReport {
+                started: Instant::now(),
+                outcome: cancelled(Duration::ZERO),
+            });
+        }
 
         let DeviceRuntime {
             generator,
@@ -226,6 +233,7 @@ impl Worker {
             sampler,
         } = runtime;
         let mut meter = JobMeter::start(probe.as_mut(), sampler.as_ref());
+        let started = meter.started();
         let mut observer = JobObserver {
             job,
             meter: &mut meter,
@@ -241,13 +249,16 @@ impl Worker {
                 meter.abandon();
                 return Err(panic_message(&panic));
             }
+            // A cancel accepted after the last step's check still ends the job as cancelled,
+            // as the client was told; its outputs are dropped.
+            Ok(_) if job.cancel.is_cancelled() => cancelled(meter.abandon()),
             Ok(Err(error)) => WorkOutcome::Failed {
                 error,
                 elapsed: meter.abandon(),
             },
             Ok(Ok(images)) => match meter.finish() {
                 Err(error) => WorkOutcome::Failed {
-                    error: GenerationError::from_device_message(error.to_string()),
+                    error: device_error(error.to_string()),
                     elapsed: started.elapsed(),
                 },
                 Ok(measurement) => self.write_outputs(job, &images, measurement),
@@ -320,10 +331,55 @@ impl StepObserver for JobObserver<'_, '_> {
     }
 }
 
+fn cancelled(elapsed: Duration) -> WorkOutcome {
+    WorkOutcome::Failed {
+        error: GenerationError::Cancelled,
+        elapsed,
+    }
+}
+
+/// A device's error text (a failed synchronisation, or a panic from the backend) as an error of
+/// the right kind. cubecl and the CUDA driver spell out-of-memory `out-of-memory` and
+/// `CUDA_ERROR_OUT_OF_MEMORY`, so separators are read as spaces; the message is kept as given.
+pub fn device_error(message: String) -> GenerationError {
+    let spelled = message.replace(['-', '_'], " ");
+    match GenerationError::from_device_message(spelled) {
+        GenerationError::OutOfMemory(_) => GenerationError::OutOfMemory(message),
+        _ => GenerationError::Model(message),
+    }
+}
+
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     panic
         .downcast_ref::<&str>()
         .map(|s| (*s).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_memory_is_recognised_however_the_device_spells_it() {
+        for message in [
+            "the model panicked on cuda:0: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")",
+            "called `Result::unwrap()` on an `Err` value: CUDA_ERROR_OUT_OF_MEMORY",
+            "An out-of-memory error happened during launch\nCaused by:\n  pool exhausted",
+            "OutOfMemory { reason: \"can't allocate 2 GiB\" }",
+        ] {
+            let error = device_error(message.to_owned());
+            assert_eq!(error.kind(), "out_of_memory", "{message}");
+            assert!(
+                error.to_string().contains(message),
+                "the message is kept: {error}"
+            );
+        }
+        let error = device_error("illegal memory access".to_owned());
+        assert_eq!(
+            error,
+            GenerationError::Model("illegal memory access".to_owned())
+        );
+    }
 }

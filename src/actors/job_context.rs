@@ -19,7 +19,7 @@ use thiserror::Error;
 use uuid::Uuid;
 
 use crate::actors::broadcast::BroadcastMessage;
-use crate::actors::gpu_model::{GpuModelMessage, WorkOutcome, WorkReport};
+use crate::actors::gpu_model::{GpuModelMessage, WorkOutcome, WorkReport, device_error};
 use crate::actors::telemetry_writer::{NewMetric, TelemetryWriterMessage};
 use crate::events::{EventType, GenerationItem, JobEvent};
 use crate::generation::{CancelFlag, GenerationRequest, Job, JobStatus, MediaType};
@@ -161,6 +161,9 @@ struct DeviceSlot {
 struct Entry {
     view: JobView,
     started: Option<Instant>,
+    /// The status of its row once the row is on its way to the writer: a cancel is then too
+    /// late, although the status in `view` stays unfinished until the commit.
+    ending: Option<JobStatus>,
 }
 
 /// State of the JobContextActor.
@@ -421,6 +424,7 @@ impl JobContextState {
                     files: Vec::new(),
                 },
                 started: None,
+                ending: None,
             },
         );
     }
@@ -459,6 +463,9 @@ impl JobContextState {
         let Some(entry) = self.jobs.get(&job_id) else {
             return CancelOutcome::NotFound;
         };
+        if let Some(status) = entry.ending {
+            return CancelOutcome::AlreadyFinished(status);
+        }
         match entry.view.status {
             status if status.is_final() => CancelOutcome::AlreadyFinished(status),
             JobStatus::Queued if self.queue.contains(&job_id) => {
@@ -500,8 +507,14 @@ impl JobContextState {
         };
         let started = entry.started.unwrap_or(entry.view.job.submitted);
         let job = entry.view.job.clone();
+        // An out-of-memory inside the backend arrives as a panic; it is recorded as what it
+        // is, while the device is rebuilt like after any other crash.
+        let kind = match device_error(reason.clone()) {
+            GenerationError::OutOfMemory(_) => "out_of_memory",
+            _ => "worker_crashed",
+        };
         let ended = Ended::Failed {
-            kind: "worker_crashed",
+            kind,
             message: reason,
             elapsed: started.elapsed(),
         };
@@ -522,6 +535,17 @@ impl JobContextState {
         let job = entry.view.job.clone();
         let device = self.devices[device_index].name.clone();
         let (extra, ended) = match report.outcome {
+            // Cancelled after the device's last look at the flag: the client was answered 202,
+            // so the row says cancelled whatever the device made of the job.
+            WorkOutcome::Finished { measurement, .. } if job.cancel.is_cancelled() => (
+                json!({}),
+                Ended::Cancelled {
+                    elapsed: measurement.duration,
+                },
+            ),
+            WorkOutcome::Failed { elapsed, .. } if job.cancel.is_cancelled() => {
+                (json!({}), Ended::Cancelled { elapsed })
+            }
             WorkOutcome::Finished {
                 measurement,
                 outputs,
@@ -629,14 +653,21 @@ impl JobContextState {
 
     /// Sends a row to the writer; its commit comes back as `RowCommitted`. The row is in the
     /// writer's mailbox when this returns, so a draining writer commits it.
-    fn append(&self, myself: &ActorRef<JobContextMessage>, job_id: Uuid, mut row: NewMetric) {
-        if let Some(entry) = self.jobs.get(&job_id) {
-            row.extra["total_seconds"] = json!(entry.view.job.submitted.elapsed().as_secs_f64());
-        }
+    fn append(&mut self, myself: &ActorRef<JobContextMessage>, job_id: Uuid, row: NewMetric) {
+        let Some(entry) = self.jobs.get_mut(&job_id) else {
+            tracing::error!(job.id = %job_id, "row lost: the job is not in the registry");
+            return;
+        };
+        entry.ending = Some(row.status);
+        let submitted = entry.view.job.submitted;
         let (reply, committed) = ractor::concurrency::oneshot();
         if self
             .writer
-            .cast(TelemetryWriterMessage::Append(Box::new(row), reply.into()))
+            .cast(TelemetryWriterMessage::AppendJob {
+                row: Box::new(row),
+                submitted,
+                reply: reply.into(),
+            })
             .is_err()
         {
             tracing::error!(job.id = %job_id, "row lost: the writer is not running");

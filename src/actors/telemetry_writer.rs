@@ -6,7 +6,7 @@
 //! batch the writer keeps it and retries with backoff; nothing it holds is dropped.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use sea_orm::{
@@ -96,6 +96,16 @@ impl NewMetric {
 pub enum TelemetryWriterMessage {
     /// Stores a row; the reply comes once it is committed and published.
     Append(Box<NewMetric>, RpcReplyPort<GenerationItem>),
+    /// Stores a job's row like `Append`, with `extra.total_seconds` set to the time from
+    /// `submitted` to the insert that commits it.
+    AppendJob {
+        /// The row.
+        row: Box<NewMetric>,
+        /// When the job was accepted, on the monotonic clock.
+        submitted: Instant,
+        /// Answered once the row is committed and published.
+        reply: RpcReplyPort<GenerationItem>,
+    },
     /// Commits what is held.
     Flush,
 }
@@ -118,9 +128,15 @@ pub struct TelemetryWriterState {
     broadcast: ActorRef<BroadcastMessage>,
     max_batch: usize,
     instance: Uuid,
-    pending: Vec<(Box<NewMetric>, RpcReplyPort<GenerationItem>)>,
+    pending: Vec<Pending>,
     flush_scheduled: bool,
     failures: u32,
+}
+
+struct Pending {
+    row: Box<NewMetric>,
+    submitted: Option<Instant>,
+    reply: RpcReplyPort<GenerationItem>,
 }
 
 /// Batches rows into `generation_metrics`.
@@ -155,15 +171,15 @@ impl Actor for TelemetryWriterActor {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             TelemetryWriterMessage::Append(row, reply) => {
-                state.pending.push((row, reply));
-                if !state.flush_scheduled {
-                    if myself.cast(TelemetryWriterMessage::Flush).is_ok() {
-                        state.flush_scheduled = true;
-                    } else {
-                        // Draining for shutdown refuses new messages: commit now instead.
-                        self.flush(&myself, state).await;
-                    }
-                }
+                self.append(&myself, state, row, None, reply).await;
+            }
+            TelemetryWriterMessage::AppendJob {
+                row,
+                submitted,
+                reply,
+            } => {
+                self.append(&myself, state, row, Some(submitted), reply)
+                    .await;
             }
             TelemetryWriterMessage::Flush => {
                 state.flush_scheduled = false;
@@ -194,6 +210,29 @@ impl Actor for TelemetryWriterActor {
 }
 
 impl TelemetryWriterActor {
+    async fn append(
+        &self,
+        myself: &ActorRef<TelemetryWriterMessage>,
+        state: &mut TelemetryWriterState,
+        row: Box<NewMetric>,
+        submitted: Option<Instant>,
+        reply: RpcReplyPort<GenerationItem>,
+    ) {
+        state.pending.push(Pending {
+            row,
+            submitted,
+            reply,
+        });
+        if !state.flush_scheduled {
+            if myself.cast(TelemetryWriterMessage::Flush).is_ok() {
+                state.flush_scheduled = true;
+            } else {
+                // Draining for shutdown refuses new messages: commit now instead.
+                self.flush(myself, state).await;
+            }
+        }
+    }
+
     async fn flush(
         &self,
         myself: &ActorRef<TelemetryWriterMessage>,
@@ -224,9 +263,9 @@ impl TelemetryWriterActor {
     /// their senders. On error nothing is removed from `pending`.
     async fn commit_batch(&self, state: &mut TelemetryWriterState) -> Result<(), DbErr> {
         let count = state.pending.len().min(state.max_batch);
-        let batch: Vec<NewMetric> = state.pending[..count]
+        let mut batch: Vec<NewMetric> = state.pending[..count]
             .iter()
-            .map(|(row, _)| (**row).clone())
+            .map(|pending| (*pending.row).clone())
             .collect();
 
         let transaction = state.db.begin().await?;
@@ -262,6 +301,13 @@ impl TelemetryWriterActor {
                 .await?
             {
                 stored.insert(row.job_id.clone(), row);
+            }
+        }
+        // Stamped at each attempt, right before the insert: while the database is out, rows
+        // wait here, and that wait is part of the time from submission to commit.
+        for (row, pending) in batch.iter_mut().zip(&state.pending) {
+            if let Some(submitted) = pending.submitted {
+                row.extra["total_seconds"] = serde_json::json!(submitted.elapsed().as_secs_f64());
             }
         }
         let new_rows: Vec<_> = batch
@@ -303,7 +349,10 @@ impl TelemetryWriterActor {
             .into_iter()
             .map(|row| (row.job_id.clone(), row))
             .collect();
-        for (sent, reply) in state.pending.drain(..count) {
+        for Pending {
+            row: sent, reply, ..
+        } in state.pending.drain(..count)
+        {
             let Some(row) = committed.remove(&sent.job_id) else {
                 continue;
             };

@@ -46,7 +46,12 @@ async fn an_image_job_and_a_video_job_finish_with_complete_rows() {
     assert_eq!(row["extra"]["steps"], 3);
     assert_eq!(row["extra"]["seed"], 7);
     assert_eq!(row["extra"]["scheduler"], "ddim");
-    assert!(row["extra"]["total_seconds"].as_f64().unwrap() >= duration);
+    let total = row["extra"]["total_seconds"].as_f64().unwrap();
+    let wait = row["queue_wait_seconds"].as_f64().unwrap();
+    assert!(
+        total >= wait + duration,
+        "submission to commit covers the wait and the inference: {total} < {wait} + {duration}"
+    );
 
     let video_row = &video_job["metrics"];
     assert_eq!(video_row["outputs"], 3, "frames of the video");

@@ -127,6 +127,40 @@ async fn work_that_finishes_in_synchronize_is_timed_to_its_end() {
 }
 
 #[tokio::test]
+async fn work_a_failed_job_left_on_the_device_is_not_counted_in_the_next_job() {
+    let gpus = FakeGpus::named(&["cuda:0"]);
+    let app = spawn_app_with(gpus.app_options()).await;
+
+    // The first job queues 1.5 s of device work, then fails before synchronising: the device
+    // is still busy with it when the second job is handed over.
+    let failing = "alloc 8; step; async 1500; fail the scheduler diverged";
+    let failed = app.submit(scripted_image(failing)).await;
+    let short = app
+        .submit(scripted_image("alloc 8; step; work 100; step"))
+        .await;
+    let failed = app.wait_for_job(&failed).await["metrics"].clone();
+    let short = app.wait_for_job(&short).await["metrics"].clone();
+
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert!(
+        number(&failed, "duration_seconds") < 1.0,
+        "the failed job's time is until its failure: {failed}"
+    );
+    assert_eq!(short["status"], "succeeded", "{short}");
+    let duration = number(&short, "duration_seconds");
+    assert!(
+        (0.1..1.0).contains(&duration),
+        "its own 100 ms, not the 1.5 s the failed job left queued: {duration} s"
+    );
+    let wait = number(&short, "queue_wait_seconds");
+    assert!(
+        wait >= 1.4,
+        "waiting for the device to finish the earlier work is queue wait: {wait} s"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn a_small_job_after_a_large_one_has_its_own_peak_and_delta() {
     let gpus = FakeGpus::named(&["cuda:0"]);
     let app = spawn_app_with(gpus.app_options()).await;
@@ -463,6 +497,99 @@ async fn a_panic_leaves_a_worker_crashed_row_and_a_restarted_device() {
     let after = run_job(&app, scripted_image("alloc 8; step")).await;
     assert_eq!(after["status"], "succeeded");
     assert_eq!(gpus.starts("cuda:0"), 2);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_out_of_memory_panic_or_sync_failure_is_recorded_as_out_of_memory() {
+    let gpus = FakeGpus::named(&["cuda:0"]);
+    let app = spawn_app_with(gpus.app_options()).await;
+
+    // What the CUDA backend does on a real out-of-memory: cudarc's driver error inside a
+    // panic, and cubecl's launch error text at synchronisation.
+    let panicked = run_job(
+        &app,
+        scripted_image(
+            r#"alloc 64; step; panic called `Result::unwrap()` on an `Err` value: DriverError(CUDA_ERROR_OUT_OF_MEMORY, "out of memory")"#,
+        ),
+    )
+    .await;
+    let at_sync = run_job(
+        &app,
+        scripted_image(
+            "alloc 64; step; async 50; syncfail An out-of-memory error happened during launch",
+        ),
+    )
+    .await;
+    let later = run_job(&app, scripted_image("alloc 32; step")).await;
+
+    assert_eq!(panicked["status"], "failed", "{panicked}");
+    assert_eq!(
+        panicked["extra"]["error"]["kind"], "out_of_memory",
+        "{panicked}"
+    );
+    let message = panicked["extra"]["error"]["message"].as_str().unwrap();
+    assert!(message.contains("CUDA_ERROR_OUT_OF_MEMORY"), "{message}");
+    assert_eq!(panicked["device"], "cuda:0");
+    assert_no_vram(&panicked);
+
+    assert_eq!(at_sync["status"], "failed", "{at_sync}");
+    assert_eq!(
+        at_sync["extra"]["error"]["kind"], "out_of_memory",
+        "{at_sync}"
+    );
+
+    assert_eq!(
+        gpus.starts("cuda:0"),
+        2,
+        "a panic rebuilds the device, out-of-memory or not"
+    );
+    assert_eq!(later["status"], "succeeded", "{later}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_cancel_accepted_after_the_last_step_still_leaves_a_cancelled_row() {
+    let gpus = FakeGpus::named(&["cuda:0"]);
+    let app = spawn_app_with(gpus.app_options()).await;
+
+    // After its only step the model works on for 1.5 s without looking at the flag again.
+    let working = "alloc 8; step; work 1500";
+    let id = app.submit(scripted_image(working)).await;
+    let (app_ref, id_ref) = (&app, &id);
+    eventually("the job passes its last step", move || async move {
+        let job = app_ref.job(id_ref).await;
+        (job["progress"]["done"].as_u64() == Some(1)).then_some(())
+    })
+    .await;
+    assert_eq!(cancel(&app, &id).await, 202);
+    let row = app.wait_for_job(&id).await["metrics"].clone();
+    assert_eq!(row["status"], "cancelled", "{row}");
+    assert_eq!(row["outputs"], 0);
+    assert_no_vram(&row);
+
+    // The model has returned and the device is being synchronised: the worker's own checks
+    // are behind it, so the registry turns the outcome into a cancellation.
+    let syncing = "alloc 8; step; async 1500";
+    let id = app.submit(scripted_image(syncing)).await;
+    let gpus_ref = &gpus;
+    eventually("the model returns", move || async move {
+        (!gpus_ref.runs_of(syncing).is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(cancel(&app, &id).await, 202);
+    let row = app.wait_for_job(&id).await["metrics"].clone();
+    assert_eq!(row["status"], "cancelled", "{row}");
+    assert_eq!(row["outputs"], 0);
+    let job = app.job(&id).await;
+    assert_eq!(
+        job["files"],
+        json!([]),
+        "no files of a cancelled job: {job}"
+    );
+
+    let later = run_job(&app, scripted_image("alloc 8; step")).await;
+    assert_eq!(later["status"], "succeeded", "{later}");
     app.stop().await;
 }
 
