@@ -4,7 +4,10 @@
 use poem::http::StatusCode;
 use poem::{IntoResponse, Response};
 use poem_openapi::Object;
+use poem_openapi::error::ParseParamError;
 use poem_openapi::payload::Json;
+
+use crate::api::telemetry;
 
 /// What went wrong with a request.
 #[derive(Debug, Clone, Object, serde::Serialize)]
@@ -52,6 +55,8 @@ pub async fn to_json_error(error: poem::Error) -> Response {
     }
     let message = if status.is_server_error() {
         "internal error".to_owned()
+    } else if let Some(parameter) = error.downcast_ref::<ParseParamError>() {
+        name_allowed_values(parameter)
     } else {
         name_enum_fields(error.to_string())
     };
@@ -81,4 +86,18 @@ fn name_enum_fields(message: String) -> String {
         }
     }
     message
+}
+
+/// A query parameter's name and what it allows. poem-openapi's own reason says neither
+/// ("Expect a valid enumeration value.", "invalid digit found in string", or a validator's
+/// regular expression), so it is kept only for a parameter this service does not describe.
+fn name_allowed_values(error: &ParseParamError) -> String {
+    let allowed = telemetry::QUERY_PARAMETERS
+        .iter()
+        .find(|(name, _)| *name == error.name)
+        .map(|(_, allowed)| *allowed);
+    match allowed {
+        Some(allowed) => format!("{}: expected {allowed}", error.name),
+        None => format!("{}: {}", error.name, error.reason),
+    }
 }

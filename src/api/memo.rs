@@ -24,6 +24,7 @@ use poem_openapi::registry::{MetaSchemaRef, Registry};
 use poem_openapi::types::{ToJSON, Type};
 
 use crate::storage::TelemetryFilter;
+use crate::storage::queries::Cursor;
 use crate::storage::rollup::Changes;
 
 /// A JSON document of schema `T`, already serialised.
@@ -81,8 +82,8 @@ pub struct Question {
     pub minutes: Option<u32>,
     /// The other filters (`since` unset).
     pub filter: TelemetryFilter,
-    /// Page cursor.
-    pub before: Option<i64>,
+    /// Where the page of items starts.
+    pub before: Option<Cursor>,
 }
 
 /// What an answer depended on when it was built.
@@ -357,6 +358,27 @@ mod tests {
         };
         answers.put(question(50), moved, window(0, 100), answer("d"));
         assert_eq!(hit(250), None, "answers of an earlier state go");
+    }
+
+    #[test]
+    fn pages_are_answers_to_different_questions() {
+        let answers = Answers::new(4);
+        let page = |before| Question {
+            before,
+            ..question(50)
+        };
+        answers.put(page(Some(Cursor::Id(5))), STATE, None, answer("a"));
+        assert!(
+            answers
+                .get(&page(Some(Cursor::Id(5))), STATE, None)
+                .is_some()
+        );
+        for other in [None, Some(Cursor::Id(6)), Some(Cursor::Time(at(0)))] {
+            assert!(
+                answers.get(&page(other), STATE, None).is_none(),
+                "{other:?}"
+            );
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::api::memo::{self, JsonBytes, Question, Window};
 use crate::api::{ApiTags, AppState};
 use crate::events::{EventEnvelope, GenerationItem};
 use crate::generation::{JobStatus, MediaType};
-use crate::storage::queries::{self, Figures, GroupFigures, Percentiles};
+use crate::storage::queries::{self, Cursor, Figures, GroupFigures, Percentiles};
 use crate::storage::rollup;
 use crate::storage::{TelemetryFilter, TelemetrySummary};
 
@@ -183,9 +183,8 @@ enum GenerationTelemetryResponse {
     /// Items, summary and recent events.
     #[oai(status = 200)]
     Ok(JsonBytes<TelemetryResponse>),
-    /// A parameter is invalid; the message names it.
+    /// A parameter is invalid; the message names it and says what is allowed.
     #[oai(status = 400)]
-    #[allow(dead_code)] // answered by parameter parsing; listed for the document
     BadRequest(Json<ErrorBody>),
     /// No valid token.
     #[oai(status = 401)]
@@ -236,9 +235,17 @@ impl TelemetryApi {
         device: Query<Option<String>>,
         /// Only rows with this status.
         status: Query<Option<RowStatus>>,
-        /// Items older than the row with this id (the last `id` of the previous page).
-        #[oai(validator(minimum(value = "1")))]
-        before: Query<Option<i64>>,
+        /// Items after the last one seen, to page further back: an item id (the last `id` of
+        /// the previous page: items older than it, or as old with a smaller id; an id no row
+        /// has, one purged for instance, gives no items) or an RFC 3339 time such as
+        /// `2026-12-04T16:00:00Z` (items committed strictly before it).
+        // The pattern admits exactly the ids and the times that `parse_cursor` takes (real
+        // dates, leap days included), so that a value the document allows is never refused.
+        #[oai(validator(
+            max_length = 64,
+            pattern = "^([1-9][0-9]{0,17}|([0-9]{4}-((0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])|(0[13-9]|1[0-2])-(29|30)|(0[13578]|1[02])-31)|([0-9]{2}(0[48]|[2468][048]|[13579][26])|([02468][048]|[13579][26])00)-02-29)T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9]))$"
+        ))]
+        before: Query<Option<String>>,
     ) -> GenerationTelemetryResponse {
         if !auth.0.is_operator() {
             return GenerationTelemetryResponse::Forbidden(ErrorBody::new(
@@ -246,6 +253,15 @@ impl TelemetryApi {
                 "this route needs a token with the operator role",
             ));
         }
+        let before = match before.0.as_deref().map(parse_cursor).transpose() {
+            Ok(before) => before,
+            Err(message) => {
+                return GenerationTelemetryResponse::BadRequest(ErrorBody::new(
+                    "bad_request",
+                    message,
+                ));
+            }
+        };
         let since = minutes
             .0
             .map(|m| Utc::now() - chrono::Duration::minutes(i64::from(m)));
@@ -261,7 +277,7 @@ impl TelemetryApi {
                 device: device.0,
                 status: status.0.map(JobStatus::from),
             },
-            before: before.0,
+            before,
         };
         match answer(&state, question, since).await {
             Ok(answer) => GenerationTelemetryResponse::Ok(answer),
@@ -441,4 +457,75 @@ async fn recent_seq(state: &AppState) -> u64 {
 
 fn default_limit() -> u64 {
     50
+}
+
+/// What `before` takes, for the 400 that refuses anything else.
+pub const BEFORE_ALLOWED: &str = "an item id (an integer from 1 to 999999999999999999) or an \
+     RFC 3339 time such as 2026-12-04T16:00:00Z or 2026-12-04T17:00:00.250+01:00";
+
+/// Reads `before`: an item id, or an RFC 3339 time.
+fn parse_cursor(text: &str) -> Result<Cursor, String> {
+    let refused = || format!("before: expected {BEFORE_ALLOWED}, not {text:?}");
+    if !text.is_empty() && text.bytes().all(|byte| byte.is_ascii_digit()) {
+        return match text.parse::<i64>() {
+            Ok(id) if (1..=999_999_999_999_999_999).contains(&id) && !text.starts_with('0') => {
+                Ok(Cursor::Id(id))
+            }
+            _ => Err(refused()),
+        };
+    }
+    DateTime::parse_from_rfc3339(text)
+        .map(|at| Cursor::Time(at.with_timezone(&Utc)))
+        .map_err(|_| refused())
+}
+
+/// The query parameters of the route and what each allows, for the 400 that refuses a value
+/// poem-openapi cannot parse or that fails a validator (its own message names neither).
+/// Keep in step with the validators above.
+pub const QUERY_PARAMETERS: [(&str, &str); 9] = [
+    ("limit", "an integer from 1 to 1000"),
+    ("minutes", "an integer from 1 to 5256000"),
+    ("media_type", "one of image, video"),
+    ("model_name", TEXT_ALLOWED),
+    ("user_id", TEXT_ALLOWED),
+    ("persona_id", TEXT_ALLOWED),
+    ("device", "1 to 64 characters, none of them NUL"),
+    ("status", "one of succeeded, failed, cancelled"),
+    ("before", BEFORE_ALLOWED),
+];
+
+const TEXT_ALLOWED: &str = "1 to 256 characters, none of them NUL";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn before_takes_an_item_id_or_an_rfc_3339_time_and_nothing_else() {
+        assert_eq!(parse_cursor("42"), Ok(Cursor::Id(42)));
+        assert_eq!(
+            parse_cursor("2026-12-04T17:00:00.5+01:00"),
+            Ok(Cursor::Time(
+                DateTime::parse_from_rfc3339("2026-12-04T16:00:00.5Z")
+                    .unwrap()
+                    .with_timezone(&Utc)
+            ))
+        );
+        for refused in [
+            "0",
+            "-1",
+            "+1",
+            "1.5",
+            "9223372036854775808",
+            "2026-12-04",
+            "",
+            "x",
+        ] {
+            let message = parse_cursor(refused).unwrap_err();
+            assert!(
+                message.starts_with(&format!("before: expected {BEFORE_ALLOWED}")),
+                "{refused:?}: {message}"
+            );
+        }
+    }
 }

@@ -103,17 +103,50 @@ impl WhereClause {
     }
 }
 
-/// The newest rows that match `filter`, newest first; `before_id` continues a page.
+/// Where a page of items starts: after the last item of the previous page, in the items'
+/// order (`created_at` descending, then `id` descending).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Cursor {
+    /// Rows that come after the row with this id: older, or as old with a smaller id. No row
+    /// comes after an id that no row has.
+    Id(i64),
+    /// Rows committed strictly before this time.
+    Time(DateTime<Utc>),
+}
+
+/// The newest rows that match `filter`, newest first; `before` continues a page.
 pub async fn list_items<C: ConnectionTrait>(
     db: &C,
     filter: &TelemetryFilter,
-    before_id: Option<i64>,
+    before: Option<Cursor>,
     limit: u64,
 ) -> Result<Vec<generation_metrics::Model>, DbErr> {
     let backend = db.get_database_backend();
     let mut clause = WhereClause::from_filter(backend, filter);
-    if let Some(before_id) = before_id {
-        clause.push("id <", Value::from(before_id));
+    match before {
+        Some(Cursor::Id(id)) => {
+            // Compared with the cursor row's own stored value, never a copy of it read back:
+            // on SQLite a row written by hand may hold its time in another text shape. The
+            // bound `created_at <=` lets the planner scan the index from the cursor on; ids
+            // alone would not do, since hosts sharing a database commit them out of order.
+            // `?` placeholders are positional on SQLite: each use binds the id again.
+            let mut cursor_time = || {
+                let id = clause.parameter(Value::from(id));
+                format!("(SELECT created_at FROM generation_metrics WHERE id = {id})")
+            };
+            let (at_most, older) = (cursor_time(), cursor_time());
+            let id = clause.parameter(Value::from(id));
+            clause.conditions.push(format!(
+                "created_at <= {at_most} AND (created_at < {older} OR id < {id})"
+            ));
+        }
+        Some(Cursor::Time(at)) => {
+            clause.push(
+                "created_at <",
+                timestamp_parameter(backend, ceil_to_step(backend, at)),
+            );
+        }
+        None => {}
     }
     let sql = format!(
         "SELECT * FROM generation_metrics {} ORDER BY created_at DESC, id DESC LIMIT {limit}",
@@ -124,6 +157,34 @@ pub async fn list_items<C: ConnectionTrait>(
         .all(db)
         .await
 }
+
+/// `at` rounded up to the finest step `created_at` has on the backend (a millisecond on
+/// SQLite, a microsecond on PostgreSQL): a row is strictly older than `at` exactly when it is
+/// strictly older than that, and the bound parameter drops what is finer. On SQLite it is
+/// also held within year 9999: the column is text, and a five-digit year would sort first.
+fn ceil_to_step(backend: DatabaseBackend, at: DateTime<Utc>) -> DateTime<Utc> {
+    let step_nanos: u32 = match backend {
+        DatabaseBackend::Postgres => 1_000,
+        _ => 1_000_000,
+    };
+    let finer = at.timestamp_subsec_nanos() % step_nanos;
+    let ceiled = if finer == 0 {
+        at
+    } else {
+        at + chrono::TimeDelta::nanoseconds(i64::from(step_nanos - finer))
+    };
+    match backend {
+        DatabaseBackend::Postgres => ceiled,
+        _ => ceiled.min(LATEST_SQLITE_TIME),
+    }
+}
+
+/// The latest time the SQLite column's text shape holds.
+const LATEST_SQLITE_TIME: DateTime<Utc> = match DateTime::from_timestamp_millis(253_402_300_799_999)
+{
+    Some(at) => at,
+    None => DateTime::<Utc>::MAX_UTC,
+};
 
 /// The commit time of the oldest row that matches `filter`, if any.
 pub async fn oldest<C: ConnectionTrait>(
@@ -445,6 +506,33 @@ mod tests {
 
     fn at(text: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(text).unwrap().to_utc()
+    }
+
+    #[test]
+    fn a_time_cursor_rounds_up_to_the_column_step() {
+        let exact = at("2026-12-04T16:00:00.001Z");
+        assert_eq!(ceil_to_step(DatabaseBackend::Sqlite, exact), exact);
+        assert_eq!(
+            ceil_to_step(DatabaseBackend::Sqlite, at("2026-12-04T16:00:00.0000001Z")),
+            exact
+        );
+        assert_eq!(
+            ceil_to_step(
+                DatabaseBackend::Postgres,
+                at("2026-12-04T16:00:00.0000001Z")
+            ),
+            at("2026-12-04T16:00:00.000001Z")
+        );
+        assert_eq!(
+            ceil_to_step(DatabaseBackend::Postgres, at("2026-12-04T16:00:59.999999Z")),
+            at("2026-12-04T16:00:59.999999Z")
+        );
+        let late = at("9999-12-31T23:59:59.9999-01:00");
+        assert_eq!(
+            ceil_to_step(DatabaseBackend::Sqlite, late),
+            at("9999-12-31T23:59:59.999Z")
+        );
+        assert_eq!(ceil_to_step(DatabaseBackend::Postgres, late), late);
     }
 
     #[test]

@@ -74,10 +74,16 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
         seidra::logging::init(LogFormat::Text);
     }
     let temp = tempfile::tempdir().expect("a temporary directory");
-    let database_url = match options.database_url {
+    let database_url = match options.database_url.clone() {
         Some(url) => Some(url),
         None => fresh_database().await,
     };
+    spawn_in(temp, database_url, options).await
+}
+
+/// Starts the service in `temp`, on the database at `database_url` (SQLite in `temp` when
+/// unset).
+async fn spawn_in(temp: TempDir, database_url: Option<String>, options: AppOptions) -> TestApp {
     let settings = Settings {
         data_dir: temp.path().to_path_buf(),
         database_url: database_url.clone(),
@@ -222,6 +228,18 @@ impl TestApp {
             request = request.bearer_auth(token);
         }
         request.send().await.unwrap()
+    }
+
+    /// Stops the service the way SIGTERM would and starts it again with `options`, in the same
+    /// data directory and on the same database (`options.database_url` is not read).
+    pub async fn restart(mut self, options: AppOptions) -> TestApp {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.unwrap().unwrap();
+        }
+        spawn_in(self._temp, self.database_url, options).await
     }
 
     /// Stops the service the way SIGTERM would, and waits for it.
