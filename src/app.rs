@@ -42,6 +42,7 @@ pub struct Application {
     retention_days: u32,
     instance: uuid::Uuid,
     host: String,
+    channel: websocket::ChannelSettings,
 }
 
 impl Application {
@@ -127,6 +128,7 @@ impl Application {
             retention_days: settings.retention_days,
             instance,
             host: settings.host(),
+            channel: settings.channel(),
             shutdown,
         })
     }
@@ -185,7 +187,10 @@ impl Application {
         }
         let app = app
             .nest("/", api.around(limit_body))
-            .at("/api/system/ws", get(websocket::system_channel))
+            .at(
+                "/api/system/ws",
+                get(websocket::system_channel).data(self.channel),
+            )
             .at("/openapi.json", spec_json)
             .at("/openapi.yaml", spec_yaml)
             .nest("/docs", docs)
@@ -241,7 +246,7 @@ impl Application {
 
 /// A connection on which nothing is read or written for this long is closed (see [`Quiet`]):
 /// a request whose headers never end cannot hold a connection forever. Channel clients get a
-/// ping every `websocket::HEARTBEAT`, so a quiet channel stays open.
+/// ping every `heartbeat_seconds` (at most 30), so a quiet channel stays open.
 pub const IDLE_CONNECTION: Duration = Duration::from_secs(60);
 
 /// The largest request body taken: a job's body is a few KiB at most.

@@ -233,7 +233,8 @@ pub struct EventEnvelope {
     pub event_type: EventType,
     /// The channel, `system`.
     pub channel: String,
-    /// Position on the channel since the service started, from 1, without gaps.
+    /// Position on the channel, without gaps within a run of the service; each run numbers
+    /// from the microseconds between the Unix epoch and its start.
     pub seq: u64,
     /// When the service emitted the message.
     #[serde(with = "rfc3339")]

@@ -2,13 +2,19 @@
 //! TOML file, `SEIDRA_*` environment variables, and command-line flags, in rising order.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
 use config::{Config, Environment, File};
 use secrecy::SecretString;
 use serde::Deserialize;
 
+use crate::api::websocket::ChannelSettings;
 use crate::logging::LogFormat;
+
+/// The longest heartbeat: a ping and its answer must pass well within the minute after which
+/// a quiet connection is closed.
+const MAX_HEARTBEAT_SECONDS: u64 = 30;
 
 /// Everything the service reads at start-up.
 #[derive(Debug, Clone, Deserialize)]
@@ -31,6 +37,12 @@ pub struct Settings {
     pub recent_size: usize,
     /// Events a WebSocket client may fall behind before it is disconnected.
     pub client_queue: usize,
+    /// Seconds between pings on the channel; a peer that has not answered a ping by the next
+    /// one is closed. From 1 to 30, so that pings keep a quiet channel open.
+    pub heartbeat_seconds: u64,
+    /// Seconds a WebSocket client's socket may take to accept one message before the client
+    /// is closed as lagging.
+    pub client_send_timeout_seconds: u64,
     /// The most rows the writer commits in one transaction.
     pub max_batch: usize,
     /// A burn weights record (`.mpk`) for the built-in model.
@@ -63,6 +75,8 @@ impl Settings {
             .set_default("devices", "auto")?
             .set_default("recent_size", 50)?
             .set_default("client_queue", 1024)?
+            .set_default("heartbeat_seconds", 15)?
+            .set_default("client_send_timeout_seconds", 5)?
             .set_default("max_batch", 256)?
             .set_default("log_format", "text")?
             .set_default("migrate", true)?
@@ -94,6 +108,10 @@ impl Settings {
             ("max_batch", self.max_batch as u64),
             ("max_pending_jobs", self.max_pending_jobs as u64),
             ("max_job_memory_mib", self.max_job_memory_mib),
+            (
+                "client_send_timeout_seconds",
+                self.client_send_timeout_seconds,
+            ),
         ];
         for (name, value) in at_least_one {
             if value == 0 {
@@ -104,7 +122,23 @@ impl Settings {
                 );
             }
         }
+        if !(1..=MAX_HEARTBEAT_SECONDS).contains(&self.heartbeat_seconds) {
+            anyhow::bail!(
+                "invalid settings: heartbeat_seconds must be from 1 to {MAX_HEARTBEAT_SECONDS}, \
+                 not {} (SEIDRA_HEARTBEAT_SECONDS or `heartbeat_seconds` in the settings file)",
+                self.heartbeat_seconds
+            );
+        }
         Ok(())
+    }
+
+    /// How the channel `system` treats its clients.
+    pub fn channel(&self) -> ChannelSettings {
+        ChannelSettings {
+            heartbeat: Duration::from_secs(self.heartbeat_seconds),
+            send_timeout: Duration::from_secs(self.client_send_timeout_seconds),
+            client_queue: self.client_queue,
+        }
     }
 
     /// The name stored in the `host` column.
@@ -131,6 +165,8 @@ mod tests {
             "max_batch",
             "max_pending_jobs",
             "max_job_memory_mib",
+            "client_send_timeout_seconds",
+            "heartbeat_seconds",
         ] {
             let error = Settings::load(None, &[(name, Some("0".to_owned()))])
                 .expect_err("0 is refused")
@@ -138,5 +174,10 @@ mod tests {
             assert!(error.contains(name), "{error}");
         }
         assert!(Settings::load(None, &[("max_pending_jobs", Some("1".to_owned()))]).is_ok());
+        let error = Settings::load(None, &[("heartbeat_seconds", Some("31".to_owned()))])
+            .expect_err("a heartbeat longer than 30 s is refused")
+            .to_string();
+        assert!(error.contains("heartbeat_seconds"), "{error}");
+        assert!(Settings::load(None, &[("heartbeat_seconds", Some("30".to_owned()))]).is_ok());
     }
 }

@@ -5,9 +5,15 @@
 //! a client, and a client that falls further behind than the channel holds is told so by its
 //! own receiver. Each message is serialised once, whatever the number of clients. The
 //! `recent` buffer of committed rows is filled again from the database at start.
+//!
+//! Each run numbers its messages from the instant it started, in microseconds since the
+//! epoch, so that a sequence number from an earlier run is always older than anything this
+//! run holds: a client reconnecting across a restart is told to reload instead of being
+//! handed the refilled rows under numbers it already saw.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use sea_orm::DatabaseConnection;
@@ -104,7 +110,7 @@ impl Actor for BroadcastActor {
             recent_capacity: args.recent_capacity,
             held: VecDeque::with_capacity(held_capacity),
             held_capacity,
-            next_seq: 1,
+            next_seq: first_seq(SystemTime::now()),
             sender,
             metrics: args.metrics,
         };
@@ -154,6 +160,17 @@ impl Actor for BroadcastActor {
         }
         Ok(())
     }
+}
+
+/// The sequence number of a run's first message: the microseconds from the epoch to `start`.
+/// A run publishing fewer than a million messages a second never reaches the next run's first
+/// number, and the numbers stay below 2^53 (until the year 2255), so JavaScript reads them
+/// exactly.
+fn first_seq(start: SystemTime) -> u64 {
+    let micros = start
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |since| since.as_micros());
+    u64::try_from(micros).unwrap_or(u64::MAX).max(1)
 }
 
 impl BroadcastState {
@@ -206,5 +223,28 @@ impl BroadcastState {
             .cloned()
             .collect();
         Subscription::Live { backlog, receiver }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_later_run_starts_past_every_number_an_earlier_one_used() {
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_780_000_000);
+        let first = first_seq(start);
+        assert_eq!(first, 1_780_000_000_000_000);
+        // An earlier run that started a second before and published 100,000 messages.
+        let earlier = first_seq(start - Duration::from_secs(1));
+        assert!(earlier + 100_000 < first);
+        assert!(first < 1 << 53, "JavaScript reads it exactly");
+        assert_eq!(
+            first_seq(SystemTime::UNIX_EPOCH),
+            1,
+            "never 0, which means nothing seen"
+        );
     }
 }

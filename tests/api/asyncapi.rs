@@ -212,6 +212,12 @@ async fn every_message_the_service_sends_matches_the_asyncapi_document() {
     for message in &messages {
         let errors = document.errors(message);
         assert!(errors.is_empty(), "{message}\ndoes not match: {errors:#?}");
+        for field in ["type", "channel", "seq", "emitted_at", "data"] {
+            assert!(
+                message.get(field).is_some(),
+                "{message}\nlacks the envelope's {field}"
+            );
+        }
         let message_type = message["type"].as_str().unwrap().to_owned();
         seen.entry(message_type).or_insert(message);
     }

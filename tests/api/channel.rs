@@ -5,8 +5,8 @@
 //! `app.runtime.broadcast`, so a test controls how many there are and when they come; the path
 //! from the actor to the socket is the one real jobs take.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -19,9 +19,10 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::{WebSocketStream, connect_async};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
+use tracing_subscriber::layer::SubscriberExt;
 
-use crate::helpers::{AppOptions, TestApp, spawn_app_with};
+use crate::helpers::{AppOptions, TestApp, fresh_database, small_image, spawn_app_with};
 
 /// A client of the channel.
 pub type Socket = WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -122,8 +123,25 @@ fn field_u64(text: &str, name: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-/// What one reader got: `(seq, step)` of every message, in order of arrival.
-type Received = Vec<(u64, u64)>;
+/// Microseconds from a message's `emitted_at` to now, read without parsing the message.
+fn latency_micros(text: &str) -> Option<i64> {
+    let key = "\"emitted_at\":\"";
+    let start = text.rfind(key)? + key.len();
+    let end = start + text[start..].find('"')?;
+    let emitted_at = chrono::DateTime::parse_from_rfc3339(&text[start..end]).ok()?;
+    (chrono::Utc::now() - emitted_at.with_timezone(&chrono::Utc)).num_microseconds()
+}
+
+/// One message a reader got.
+#[derive(Debug, Clone, Copy)]
+struct Delivery {
+    seq: u64,
+    step: u64,
+    latency_micros: i64,
+}
+
+/// What one reader got, in order of arrival.
+type Received = Vec<Delivery>;
 
 /// Reads until the `END` message; counts what it received in `count` as it goes.
 async fn read_until_end<S>(mut socket: WebSocketStream<S>, count: Arc<AtomicU64>) -> Received
@@ -140,23 +158,25 @@ where
         if text.contains(&format!("\"job_id\":\"{END}\"")) {
             return received;
         }
-        let seq = field_u64(&text, "seq").expect("a seq");
-        let step = field_u64(&text, "step").expect("a step");
-        received.push((seq, step));
+        received.push(Delivery {
+            seq: field_u64(&text, "seq").expect("a seq"),
+            step: field_u64(&text, "step").expect("a step"),
+            latency_micros: latency_micros(&text).expect("an emitted_at"),
+        });
         count.fetch_add(1, Ordering::Relaxed);
     }
 }
 
 /// Fails unless `received` holds steps `0..expected` on consecutive seqs; answers the first.
 fn assert_complete(received: &Received, expected: u64, who: &str) -> u64 {
-    let steps: Vec<u64> = received.iter().map(|&(_, step)| step).collect();
+    let steps: Vec<u64> = received.iter().map(|delivery| delivery.step).collect();
     assert!(
         steps.iter().copied().eq(0..expected),
         "{who}: got {} messages, expected steps 0..{expected} in order",
         steps.len()
     );
-    let first = received[0].0;
-    let seqs = received.iter().map(|&(seq, _)| seq);
+    let first = received[0].seq;
+    let seqs = received.iter().map(|delivery| delivery.seq);
     assert!(
         seqs.eq(first..first + expected),
         "{who}: seqs are not consecutive"
@@ -251,37 +271,66 @@ fn stopped_growing(readings: &[u64]) -> bool {
     matches!(readings, [.., before, last] if before == last && *last > 0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_stops_reading_is_disconnected_and_the_others_miss_nothing() {
-    const READERS: usize = 50;
-    const QUEUE: u32 = 64;
-    // Big messages fill the stalled client's socket buffers in a few hundred messages.
-    const PADDING: usize = 16 * 1024;
-    // Published between two checks that every reader is up to date: half the queue, so a
-    // reader that keeps reading never lags.
-    const CHUNK: u32 = QUEUE / 2;
-    let app = spawn_app_with(AppOptions {
-        client_queue: QUEUE as usize,
-        ..AppOptions::default()
-    })
-    .await;
-    let server_port: u16 = app.base_url.rsplit(':').next().unwrap().parse().unwrap();
-
-    // The stalled client: a small receive buffer, fixed so that the kernel does not grow it,
-    // and nobody reading it.
+/// A client of the channel whose receive buffer is small and fixed, so that the kernel does
+/// not grow it, and that reads nothing until the test makes it; answers it and its port.
+async fn stalled_client(app: &TestApp) -> (Socket, u16) {
     let tcp = tokio::net::TcpSocket::new_v4().unwrap();
     tcp.set_recv_buffer_size(4096).unwrap();
     let tcp = tcp
-        .connect(format!("127.0.0.1:{server_port}").parse().unwrap())
+        .connect(format!("127.0.0.1:{}", app_port(app)).parse().unwrap())
         .await
         .unwrap();
-    let stalled_port = tcp.local_addr().unwrap().port();
+    let port = tcp.local_addr().unwrap().port();
     let request = format!("{}?token={}", app.ws_url, app.token)
         .into_client_request()
         .unwrap();
-    let (mut stalled, _) = tokio_tungstenite::client_async(request, tcp)
+    let (socket, _) = tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(tcp))
         .await
         .expect("the upgrade succeeds");
+    (socket, port)
+}
+
+fn app_port(app: &TestApp) -> u16 {
+    app.base_url.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+/// The 99th percentile of the readers' latencies for the messages with steps in `steps`, µs.
+fn p99_micros(received: &[Received], steps: std::ops::Range<u64>) -> i64 {
+    let mut latencies: Vec<i64> = received
+        .iter()
+        .flatten()
+        .filter(|delivery| steps.contains(&delivery.step))
+        .map(|delivery| delivery.latency_micros)
+        .collect();
+    assert!(!latencies.is_empty(), "no message with steps {steps:?}");
+    latencies.sort_unstable();
+    latencies[(latencies.len() - 1) * 99 / 100]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_disconnected_and_the_others_miss_nothing() {
+    const READERS: usize = 50;
+    const QUEUE: u32 = 256;
+    // Big messages fill the stalled client's socket buffers in a few hundred messages.
+    const PADDING: usize = 16 * 1024;
+    // Published between two checks that every reader is up to date: an eighth of the queue,
+    // so that a reader that keeps reading never lags, and the stalled client, which has at
+    // most two chunks waiting once its socket is full, is not closed before the test says.
+    const CHUNK: u32 = QUEUE / 8;
+    // Messages published with the readers alone, to compare their latency with.
+    const BASELINE: u32 = 4 * CHUNK;
+    // Messages published while the stalled client's socket is full and it is still served.
+    const BESIDE: u32 = 3 * CHUNK;
+    // A send that waits longer than the test would never end: only falling more than its
+    // queue behind may close the stalled client, and a reader on a busy machine is never
+    // taken for a lagging one.
+    let app = spawn_app_with(AppOptions {
+        client_queue: QUEUE as usize,
+        client_send_timeout_seconds: 3600,
+        ..AppOptions::default()
+    })
+    .await;
+    let server_port = app_port(&app);
 
     let counts: Vec<Arc<AtomicU64>> = (0..READERS).map(|_| Arc::default()).collect();
     let mut readers = Vec::new();
@@ -289,10 +338,17 @@ async fn a_client_that_stops_reading_is_disconnected_and_the_others_miss_nothing
         let socket = connect_with(&app, &app.token, "").await;
         readers.push(tokio::spawn(read_until_end(socket, Arc::clone(count))));
     }
+    let mut published = 0;
+    while published < BASELINE {
+        publish_burst(&app, published, CHUNK, PADDING);
+        published += CHUNK;
+        wait_for_counts(&counts, u64::from(published), "before the stalled client").await;
+    }
+
+    let (mut stalled, stalled_port) = stalled_client(&app).await;
 
     // Until the server's end of the stalled connection holds all the kernel lets it and the
-    // task serving it is stuck in a send: its unacknowledged bytes stop growing.
-    let mut published = 0;
+    // task serving it is stuck in a send: the bytes it has not had acknowledged stop growing.
     let mut unacknowledged = Vec::new();
     while !stopped_growing(&unacknowledged) {
         assert!(
@@ -308,10 +364,11 @@ async fn a_client_that_stops_reading_is_disconnected_and_the_others_miss_nothing
         unacknowledged.push(bytes);
     }
 
-    // More than the stalled client's queue holds, while its task waits on the socket: the
-    // readers get all of it and the stalled client is still connected when they have, so
-    // nothing the readers got waited for the stalled client to be dropped.
-    for _ in 0..3 {
+    // Less than the stalled client's queue, while its task waits on the socket: the readers
+    // get all of it and the stalled client is still connected when they have, so nothing
+    // the readers got waited for the stalled client to be dropped.
+    let full_from = published;
+    while published < full_from + BESIDE {
         publish_burst(&app, published, CHUNK, PADDING);
         published += CHUNK;
         wait_for_counts(&counts, u64::from(published), "beside the stalled client").await;
@@ -321,11 +378,38 @@ async fn a_client_that_stops_reading_is_disconnected_and_the_others_miss_nothing
         Some(TCP_ESTABLISHED),
         "the stalled client was still being waited on when the readers had everything"
     );
-    publish(&app, progress(END, 0, 0));
-    for (index, reader) in readers.into_iter().enumerate() {
-        let received = reader.await.expect("the reader does not panic");
-        assert_complete(&received, u64::from(published), &format!("reader {index}"));
+
+    // More than its queue holds: the stalled client falls behind and is closed.
+    let lagging_from = published;
+    while published <= lagging_from + QUEUE {
+        publish_burst(&app, published, CHUNK, PADDING);
+        published += CHUNK;
+        wait_for_counts(
+            &counts,
+            u64::from(published),
+            "past the stalled client's queue",
+        )
+        .await;
     }
+    publish(&app, progress(END, 0, 0));
+    let mut received = Vec::new();
+    for (index, reader) in readers.into_iter().enumerate() {
+        let got = reader.await.expect("the reader does not panic");
+        assert_complete(&got, u64::from(published), &format!("reader {index}"));
+        received.push(got);
+    }
+
+    // The readers' latency while the stalled client's socket was full is that of the
+    // readers alone, within what a busy machine adds.
+    let baseline = p99_micros(&received, 0..u64::from(BASELINE));
+    let beside = p99_micros(
+        &received,
+        u64::from(full_from)..u64::from(full_from + BESIDE),
+    );
+    assert!(
+        beside <= (2 * baseline).max(baseline + 50_000),
+        "p99 latency {beside} µs beside the stalled client, {baseline} µs without it"
+    );
 
     // The server gives up on the stalled client: its end leaves ESTABLISHED (FIN_WAIT1 with
     // the unsent bytes, then gone).
@@ -338,8 +422,8 @@ async fn a_client_that_stops_reading_is_disconnected_and_the_others_miss_nothing
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    // Reading now, the stalled client finds an unbroken prefix of the messages, then a close
-    // with 4008 or the end of the connection.
+    // Reading now, the stalled client finds an unbroken prefix of the messages, then the end
+    // of the connection: the close frame waited behind the messages it did not read.
     let mut seqs = Vec::new();
     let ending = loop {
         match next_frame(&mut stalled).await {
@@ -352,10 +436,6 @@ async fn a_client_that_stops_reading_is_disconnected_and_the_others_miss_nothing
             other => break other,
         }
     };
-    eprintln!(
-        "DEBUG published {published} unacked {unacknowledged:?} stalled got {} ending {ending:?}",
-        seqs.len()
-    );
     match &ending {
         Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 4008),
         Some(Ok(message)) => panic!("unexpected message {message:?}"),
@@ -363,7 +443,7 @@ async fn a_client_that_stops_reading_is_disconnected_and_the_others_miss_nothing
         None | Some(Err(_)) => {}
     }
     assert!(
-        (seqs.len() as u64) < u64::from(published),
+        (seqs.len() as u64) < u64::from(published - BASELINE),
         "the stalled client got only part of the messages, got {}",
         seqs.len()
     );
@@ -374,6 +454,225 @@ async fn a_client_that_stops_reading_is_disconnected_and_the_others_miss_nothing
         );
     }
     app.stop().await;
+}
+
+/// Warn lines logged on the thread that installed it, as `field=value` text.
+#[derive(Clone, Default)]
+struct Warnings(Arc<Mutex<Vec<String>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Warnings {
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _context: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        if *event.metadata().level() != tracing::Level::WARN {
+            return;
+        }
+        let mut line = String::new();
+        event.record(
+            &mut |field: &tracing::field::Field, value: &dyn std::fmt::Debug| {
+                line.push_str(&format!("{}={value:?} ", field.name()));
+            },
+        );
+        self.0.lock().unwrap().push(line);
+    }
+}
+
+impl Warnings {
+    /// The lines that name `127.0.0.1:port`.
+    fn naming(&self, port: u16) -> Vec<String> {
+        let address = format!("127.0.0.1:{port}");
+        let lines = self.0.lock().unwrap();
+        lines
+            .iter()
+            .filter(|line| line.contains(&address))
+            .cloned()
+            .collect()
+    }
+}
+
+// One thread: the service's tasks run where the test installed its log capture.
+#[tokio::test]
+async fn a_client_more_than_its_queue_behind_gets_4008_and_one_warning_with_its_address() {
+    const QUEUE: u32 = 16;
+    const PADDING: usize = 16 * 1024;
+    const CHUNK: u32 = 4;
+    let warnings = Warnings::default();
+    let _capture =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(warnings.clone()));
+    // Only falling behind may close the client, not a send that takes long.
+    let app = spawn_app_with(AppOptions {
+        client_queue: QUEUE as usize,
+        client_send_timeout_seconds: 3600,
+        ..AppOptions::default()
+    })
+    .await;
+    let (mut stalled, port) = stalled_client(&app).await;
+    let count = Arc::<AtomicU64>::default();
+    let pacer = tokio::spawn(read_until_end(
+        connect_with(&app, &app.token, "").await,
+        Arc::clone(&count),
+    ));
+
+    // Until the service gives up on the client that does not read.
+    let mut published = 0;
+    while warnings.naming(port).is_empty() {
+        assert!(published < 8192, "the stalled client never lagged");
+        publish_burst(&app, published, CHUNK, PADDING);
+        published += CHUNK;
+        wait_for_counts(&[Arc::clone(&count)], u64::from(published), "the pacer").await;
+    }
+
+    // Reading again, it gets an unbroken prefix of the messages, then the close frame.
+    let mut seqs = Vec::new();
+    let frame = loop {
+        match next_frame(&mut stalled).await {
+            Some(Ok(Message::Text(text))) => seqs.push(field_u64(&text, "seq").expect("a seq")),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            Some(Ok(Message::Close(Some(frame)))) => break frame,
+            other => panic!("a close frame was due, got {other:?}"),
+        }
+    };
+    assert_eq!(u16::from(frame.code), 4008, "{frame:?}");
+    assert!(frame.reason.contains("lagged"), "{frame:?}");
+    assert!(
+        matches!(
+            next_frame(&mut stalled).await,
+            None | Some(Ok(Message::Close(_)))
+        ),
+        "the connection ends after the close"
+    );
+    assert!((seqs.len() as u64) < u64::from(published));
+    if let Some(&first) = seqs.first() {
+        assert!(
+            seqs.iter().copied().eq(first..first + seqs.len() as u64),
+            "what the stalled client got has no gap"
+        );
+    }
+
+    let lines = warnings.naming(port);
+    assert_eq!(lines.len(), 1, "one warning for the client: {lines:#?}");
+    assert!(lines[0].contains("lagged"), "{}", lines[0]);
+
+    publish(&app, progress(END, 0, 0));
+    assert_complete(&pacer.await.unwrap(), u64::from(published), "the pacer");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_peer_that_never_answers_pings_is_closed_within_two_intervals() {
+    const HEARTBEAT: Duration = Duration::from_secs(1);
+    let app = spawn_app_with(AppOptions {
+        heartbeat_seconds: HEARTBEAT.as_secs(),
+        ..AppOptions::default()
+    })
+    .await;
+    // The client library answers a ping when it reads: this one never reads.
+    let (_silent, silent_port) = stalled_client(&app).await;
+    let connected = Instant::now();
+    // A peer that reads, and so answers, stays connected through more pings than that.
+    let mut alive = connect_with(&app, &app.token, "").await;
+    let alive = tokio::spawn(async move {
+        let mut pings = 0;
+        while pings < 4 {
+            match next_frame(&mut alive).await {
+                Some(Ok(Message::Ping(_))) => pings += 1,
+                other => panic!("a ping was due, got {other:?}"),
+            }
+        }
+        alive
+    });
+
+    let deadline = connected + 2 * HEARTBEAT + Duration::from_secs(2);
+    while server_end(app_port(&app), silent_port).map(|(state, _)| state) == Some(TCP_ESTABLISHED) {
+        assert!(
+            Instant::now() < deadline,
+            "the silent peer is still connected {:?} after it connected",
+            connected.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        connected.elapsed() >= HEARTBEAT,
+        "closed after {:?}, before it could answer a ping",
+        connected.elapsed()
+    );
+
+    let mut alive = alive.await.expect("the answering peer got its pings");
+    publish(&app, progress("still here", 0, 0));
+    assert_eq!(next_json(&mut alive).await["data"]["job_id"], "still here");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_of_an_earlier_run_is_told_to_reload_after_a_restart() {
+    let directory = tempfile::tempdir().unwrap();
+    let database_url = match fresh_database().await {
+        Some(url) => url,
+        None => format!(
+            "sqlite://{}?mode=rwc",
+            directory.path().join("restart.db").display()
+        ),
+    };
+    let options = || AppOptions {
+        database_url: Some(database_url.clone()),
+        ..AppOptions::default()
+    };
+
+    let before = spawn_app_with(options()).await;
+    let mut socket = connect_with(&before, &before.token, "").await;
+    let mut ids = Vec::new();
+    for seed in 0..3 {
+        let id = before.submit(small_image(seed)).await;
+        before.wait_for_job(&id).await;
+        ids.push(id);
+    }
+    let mut seen = Vec::new();
+    while seen.last().is_none_or(|event: &Value| {
+        event["data"]["job_id"] != ids[2].as_str() || event["type"] != "job.finished"
+    }) {
+        seen.push(next_json(&mut socket).await);
+    }
+    drop(socket);
+    before.stop().await;
+
+    // The new run holds the three rows again, under numbers of its own.
+    let after = spawn_app_with(options()).await;
+    let first_seen = seen[0]["seq"].as_u64().unwrap();
+    let last_seen = seen.last().unwrap()["seq"].as_u64().unwrap();
+    let mut sockets = Vec::new();
+    for after_seq in [first_seen, last_seen] {
+        sockets.push(connect_with(&after, &after.token, &format!("&after_seq={after_seq}")).await);
+    }
+    publish(&after, progress("live", 0, 0));
+    let mut oldest = 0;
+    for socket in &mut sockets {
+        let notice = next_json(socket).await;
+        assert_eq!(notice["type"], "reload", "{notice}");
+        oldest = notice["data"]["oldest_seq"].as_u64().unwrap();
+        let latest = notice["data"]["latest_seq"].as_u64().unwrap();
+        assert!(
+            oldest > last_seen,
+            "the new run numbers past the old one: {notice}"
+        );
+        assert_eq!(latest - oldest + 1, 3, "the three rows refilled: {notice}");
+        assert_eq!(notice["seq"], latest);
+
+        let live = next_json(socket).await;
+        assert_eq!(live["data"]["job_id"], "live");
+        assert_eq!(live["seq"], latest + 1, "live messages follow the notice");
+    }
+
+    // The new run holds the three rows, in order, under its own numbers.
+    let mut socket =
+        connect_with(&after, &after.token, &format!("&after_seq={}", oldest - 1)).await;
+    for id in &ids {
+        let row = next_json(&mut socket).await;
+        assert_eq!(row["type"], "telemetry.generation");
+        assert_eq!(row["data"]["job_id"], id.as_str());
+    }
+    after.stop().await;
 }
 
 #[tokio::test]
@@ -439,10 +738,15 @@ async fn a_reconnecting_client_gets_exactly_what_it_missed_or_a_reload_notice() 
         let notice = next_json(socket).await;
         assert_eq!(notice["type"], "reload");
         assert_eq!(notice["channel"], "system");
-        assert_eq!(notice["oldest_seq"], oldest);
-        assert_eq!(notice["latest_seq"], latest);
+        assert_eq!(
+            notice["seq"], latest,
+            "the notice stands for the newest message"
+        );
+        assert!(notice["emitted_at"].is_string());
+        assert_eq!(notice["data"]["oldest_seq"], oldest);
+        assert_eq!(notice["data"]["latest_seq"], latest);
         assert!(
-            notice["reason"]
+            notice["data"]["reason"]
                 .as_str()
                 .is_some_and(|reason| !reason.is_empty())
         );

@@ -43,6 +43,10 @@ pub struct AppOptions {
     pub factory: Option<RuntimeFactory>,
     pub recent_size: usize,
     pub client_queue: usize,
+    /// Seconds between the channel's pings.
+    pub heartbeat_seconds: u64,
+    /// Seconds a channel client's socket may take to accept one message.
+    pub client_send_timeout_seconds: u64,
     pub max_pending_jobs: usize,
     /// A database to share with another app; a fresh one when unset.
     pub database_url: Option<String>,
@@ -56,6 +60,8 @@ impl Default for AppOptions {
             factory: None,
             recent_size: 50,
             client_queue: 1024,
+            heartbeat_seconds: 15,
+            client_send_timeout_seconds: 5,
             max_pending_jobs: 10_000,
             database_url: None,
             host_name: "test-host".to_owned(),
@@ -94,6 +100,8 @@ async fn spawn_in(temp: TempDir, database_url: Option<String>, options: AppOptio
         jwt_secret: Some("test-secret-for-integration-tests".to_owned().into()),
         recent_size: options.recent_size,
         client_queue: options.client_queue,
+        heartbeat_seconds: options.heartbeat_seconds,
+        client_send_timeout_seconds: options.client_send_timeout_seconds,
         max_batch: 256,
         weights: None,
         log_format: LogFormat::Text,

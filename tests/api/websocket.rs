@@ -92,13 +92,13 @@ async fn the_upgrade_needs_an_operator_token() {
 #[tokio::test]
 async fn a_reconnecting_client_gets_what_it_missed_or_is_told_to_reload() {
     let app = spawn_app().await;
+    let mut everything = connect(&app, "").await;
     let mut ids = Vec::new();
     for seed in 0..3 {
         let id = app.submit(small_image(seed)).await;
         app.wait_for_job(&id).await;
         ids.push(id);
     }
-    let mut everything = connect(&app, "&after_seq=0").await;
     let mut seen = Vec::new();
     while seen.last().is_none_or(|event: &Value| {
         event["data"]["job_id"] != ids[2].as_str() || event["type"] != "job.finished"
@@ -109,9 +109,10 @@ async fn a_reconnecting_client_gets_what_it_missed_or_is_told_to_reload() {
         .iter()
         .map(|event| event["seq"].as_u64().unwrap())
         .collect();
+    let first = seqs[0];
     assert_eq!(
         seqs,
-        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        (first..first + seqs.len() as u64).collect::<Vec<_>>(),
         "every message, in order, no gap"
     );
 
@@ -130,10 +131,18 @@ async fn a_reconnecting_client_gets_what_it_missed_or_is_told_to_reload() {
         assert_eq!(&next_json(&mut socket).await, expected);
     }
 
-    for ahead in ["9999", &u64::MAX.to_string()] {
-        let mut stale = connect(&app, &format!("&after_seq={ahead}")).await;
+    // Too old (a run that started earlier numbered from a smaller base), or ahead.
+    let latest = *seqs.last().unwrap();
+    for unknown in [
+        "0",
+        &(first - 2).to_string(),
+        &(latest + 1000).to_string(),
+        &u64::MAX.to_string(),
+    ] {
+        let mut stale = connect(&app, &format!("&after_seq={unknown}")).await;
         let notice = next_json(&mut stale).await;
-        assert_eq!(notice["type"], "reload", "after_seq={ahead}");
+        assert_eq!(notice["type"], "reload", "after_seq={unknown}");
+        assert_eq!(notice["data"]["latest_seq"], latest, "after_seq={unknown}");
     }
     for bad in ["abc", "-1", "1.5", "18446744073709551616"] {
         let url = format!("{}?token={}&after_seq={bad}", app.ws_url, app.token);
