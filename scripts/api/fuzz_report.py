@@ -101,18 +101,22 @@ def main() -> int:
     memory_refused = {case_id for case_id in failed_ids if refused_by_the_memory_rule(case_id)}
     failed_ids -= memory_refused
     checked_ids = set(checks)
-    # A case that got no answer (connection reset, timeout) has no check, or an interaction
-    # without a response: the service failed it as surely as a 5xx would.
-    unanswered = (set(cases) - checked_ids) | {
+    # schemathesis records a request that got no answer (connection reset, timeout) with no
+    # response, and reports the error apart; the service failed it as surely as a 5xx would.
+    # A case with no checks of its own but a response is a check's extra request (the same
+    # call without the token, for one), judged under the case that made it.
+    unanswered = {
         case_id for case_id, interaction in interactions.items()
         if not (interaction or {}).get("response")
     }
+    auxiliary = set(cases) - checked_ids - unanswered
     passed_ids = checked_ids - failed_ids - memory_refused - unanswered
 
     by_phase = collections.Counter(phase for phase, _ in cases.values())
     print(f"generated test cases: {len(cases)} ({', '.join(f'{p} {n}' for p, n in sorted(by_phase.items()))})")
     print(f"  with every check run passing: {len(passed_ids)}; with a failed check: {len(failed_ids)}; "
-          f"no response (connection reset, timeout; failed): {len(unanswered)}")
+          f"no response (connection reset, timeout; failed): {len(unanswered)}; "
+          f"extra requests of a check, judged under their case: {len(auxiliary)}")
     print(f"  schema-valid jobs refused by the documented memory rule (400 naming max_job_memory_mib,"
           f" not counted as failures): {len(memory_refused)}")
     by_label = collections.defaultdict(lambda: [0, 0])
