@@ -239,8 +239,8 @@ impl TelemetryApi {
         /// the previous page: items older than it, or as old with a smaller id; an id no row
         /// has, one purged for instance, gives no items) or an RFC 3339 time such as
         /// `2026-12-04T16:00:00Z` (items committed strictly before it).
-        // The pattern admits exactly the ids and the times that `parse_cursor` takes (real
-        // dates, leap days included), so that a value the document allows is never refused.
+        // Whatever the pattern admits is an id or a real time (leap days included) that
+        // `parse_cursor` takes: a value the document allows is never refused.
         #[oai(validator(
             max_length = 64,
             pattern = "^([1-9][0-9]{0,17}|([0-9]{4}-((0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])|(0[13-9]|1[0-2])-(29|30)|(0[13578]|1[02])-31)|([0-9]{2}(0[48]|[2468][048]|[13579][26])|([02468][048]|[13579][26])00)-02-29)T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9]))$"
