@@ -238,7 +238,7 @@ impl Worker {
             job,
             meter: &mut meter,
             job_context: &self.job_context,
-            last_progress: None,
+            progress: ProgressThrottle::default(),
         };
         let generated = catch_unwind(AssertUnwindSafe(|| {
             generator.generate(&job.request, &mut observer)
@@ -302,21 +302,38 @@ pub fn job_folder(output_dir: &Path, job: &Job) -> PathBuf {
 /// Progress events are sent at most this often, whatever the step rate.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(200);
 
+/// Decides which steps are announced: the first, then one per `PROGRESS_INTERVAL`, and the
+/// last whenever it comes.
+#[derive(Debug, Default)]
+struct ProgressThrottle {
+    last_sent: Option<Instant>,
+}
+
+impl ProgressThrottle {
+    /// Whether step `done` of `total`, finished at `now`, is announced; remembers it if so.
+    fn due(&mut self, now: Instant, done: u32, total: u32) -> bool {
+        let due = done == total
+            || self
+                .last_sent
+                .is_none_or(|last| now.duration_since(last) >= PROGRESS_INTERVAL);
+        if due {
+            self.last_sent = Some(now);
+        }
+        due
+    }
+}
+
 struct JobObserver<'a, 'm> {
     job: &'a Job,
     meter: &'a mut JobMeter<'m>,
     job_context: &'a ActorRef<JobContextMessage>,
-    last_progress: Option<Instant>,
+    progress: ProgressThrottle,
 }
 
 impl StepObserver for JobObserver<'_, '_> {
     fn step_finished(&mut self, done: u32, total: u32) -> ControlFlow<()> {
         self.meter.sample();
-        let due = self
-            .last_progress
-            .is_none_or(|last| last.elapsed() >= PROGRESS_INTERVAL);
-        if due || done == total {
-            self.last_progress = Some(Instant::now());
+        if self.progress.due(Instant::now(), done, total) {
             let _ = self.job_context.cast(JobContextMessage::JobProgress {
                 job_id: self.job.id,
                 done,
@@ -381,5 +398,28 @@ mod tests {
             error,
             GenerationError::Model("illegal memory access".to_owned())
         );
+    }
+
+    #[test]
+    fn progress_is_announced_at_most_five_times_a_second_and_always_at_the_last_step() {
+        let start = Instant::now();
+        let mut throttle = ProgressThrottle::default();
+        // A step every 30 ms for 50 steps: 1.47 s.
+        let announced: Vec<u32> = (1..=50)
+            .filter(|&done| {
+                let at = start + Duration::from_millis(30 * u64::from(done - 1));
+                throttle.due(at, done, 50)
+            })
+            .collect();
+        // The first step, then the first step at least 200 ms after the last one announced
+        // (every seventh step, 210 ms apart), and the last step.
+        assert_eq!(announced, [1, 8, 15, 22, 29, 36, 43, 50]);
+
+        // Steps slower than the interval are each announced.
+        let mut throttle = ProgressThrottle::default();
+        assert!(throttle.due(start, 1, 3));
+        assert!(throttle.due(start + PROGRESS_INTERVAL, 2, 3));
+        // The last step comes right after, and is still announced.
+        assert!(throttle.due(start + PROGRESS_INTERVAL, 3, 3));
     }
 }
