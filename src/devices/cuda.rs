@@ -9,6 +9,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use anyhow::Context;
 use burn::backend::Cuda;
 use burn::backend::cuda::CudaDevice;
 use burn::cubecl::Runtime;
@@ -18,6 +19,7 @@ use nvml_wrapper::Nvml;
 use nvml_wrapper::enums::device::UsedGpuMemory;
 
 use crate::actors::DeviceRuntime;
+use crate::devices::cuda_to_nvml;
 use crate::measure::{
     AllocatorUsage, DeviceMemoryReading, DeviceMemorySampler, DeviceMemorySource, DeviceProbe,
     SyncError,
@@ -39,32 +41,71 @@ fn nvml() -> Option<&'static Nvml> {
     .as_ref()
 }
 
-/// `cuda:<i>` for every GPU NVML reports. CUDA ordinals match NVML indexes because the
-/// service sets `CUDA_DEVICE_ORDER=PCI_BUS_ID` before CUDA starts.
-pub fn gpu_names() -> Vec<String> {
-    nvml()
-        .and_then(|nvml| nvml.device_count().ok())
-        .map(|count| (0..count).map(|i| format!("cuda:{i}")).collect())
-        .unwrap_or_default()
+/// The NVML index of each CUDA ordinal, read once; empty without a driver.
+fn nvml_indexes() -> anyhow::Result<&'static [u32]> {
+    static INDEXES: OnceLock<Result<Vec<u32>, String>> = OnceLock::new();
+    INDEXES
+        .get_or_init(|| {
+            let Some(nvml) = nvml() else {
+                return Ok(Vec::new());
+            };
+            map_ordinals(nvml).map_err(|error| format!("{error:#}"))
+        })
+        .as_deref()
+        .map_err(|error| anyhow::anyhow!("{error}"))
+}
+
+fn map_ordinals(nvml: &Nvml) -> anyhow::Result<Vec<u32>> {
+    // NVML numbers GPUs in PCI order; index entries of CUDA_VISIBLE_DEVICES, and CUDA's own
+    // ordinals, follow CUDA_DEVICE_ORDER, which the service sets to PCI order when unset.
+    let order = std::env::var("CUDA_DEVICE_ORDER").unwrap_or_default();
+    if order != "PCI_BUS_ID" {
+        anyhow::bail!(
+            "CUDA_DEVICE_ORDER is `{order}`: set it to PCI_BUS_ID, so that CUDA numbers GPUs \
+             as NVML does"
+        );
+    }
+    let count = nvml.device_count().context("counting GPUs through NVML")?;
+    let uuids = (0..count)
+        .map(|index| {
+            nvml.device_by_index(index)
+                .and_then(|device| device.uuid())
+                .with_context(|| format!("reading the UUID of NVML GPU {index}"))
+        })
+        .collect::<anyhow::Result<Vec<String>>>()?;
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+    cuda_to_nvml(visible.as_deref(), &uuids)
+}
+
+/// `cuda:<i>` for every GPU CUDA numbers (those of `CUDA_VISIBLE_DEVICES` when it is set);
+/// an error when an entry of that list matches no GPU NVML sees.
+pub fn gpu_names() -> anyhow::Result<Vec<String>> {
+    Ok((0..nvml_indexes()?.len())
+        .map(|ordinal| format!("cuda:{ordinal}"))
+        .collect())
 }
 
 /// The model, the allocator probe and an NVML sampler for `cuda:<i>`.
 pub fn runtime(name: &str, weights: Option<&Path>) -> anyhow::Result<DeviceRuntime> {
-    let index: u32 = name
+    let ordinal: usize = name
         .strip_prefix("cuda:")
         .and_then(|index| index.parse().ok())
         .ok_or_else(|| anyhow::anyhow!("device `{name}` is not `cuda:<index>`"))?;
     if nvml().is_none() {
         anyhow::bail!("device `{name}`: no NVIDIA driver");
     }
-    let device = CudaDevice::new(index as usize);
+    // The driver's figures must come from the GPU CUDA runs this device's jobs on.
+    let nvml_index = *nvml_indexes()?
+        .get(ordinal)
+        .ok_or_else(|| anyhow::anyhow!("device `{name}` is not among the GPUs CUDA sees"))?;
+    let device = CudaDevice::new(ordinal);
     let generator = DiffusionGenerator::<Cuda>::new(device.clone(), weights)
         .map_err(|error| anyhow::anyhow!("{error}"))?;
     Ok(DeviceRuntime {
         generator: Box::new(generator),
         probe: Box::new(CudaProbe { device }),
         sampler: Some(DeviceMemorySampler::spawn(
-            Box::new(NvmlSource { index }),
+            Box::new(NvmlSource { index: nvml_index }),
             SAMPLE_PERIOD,
             name,
         )),
@@ -90,6 +131,8 @@ impl DeviceProbe for CudaProbe {
 }
 
 struct NvmlSource {
+    /// NVML's index of the device, which differs from the CUDA ordinal when
+    /// `CUDA_VISIBLE_DEVICES` is set.
     index: u32,
 }
 
