@@ -1,5 +1,6 @@
 //! Device-level memory sampling: one thread per device reads the driver's figures (NVML) at
-//! a fixed rate while a job runs, and keeps the job's start, end and peak.
+//! a fixed rate while a job runs, and keeps the job's start, end and peak, and the rate it
+//! achieved.
 //!
 //! These figures include other processes and the driver's own context, so they are stored
 //! in `extra` beside the allocator's, never in place of them. Where the driver cannot see
@@ -8,7 +9,7 @@
 
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -49,6 +50,9 @@ pub struct DeviceUsage {
     pub process_visible: bool,
     /// How many readings the job's figures come from.
     pub samples: u64,
+    /// Readings per second achieved between the job's first and last reading; `None` with
+    /// fewer than two readings.
+    pub samples_per_second: Option<f64>,
 }
 
 #[derive(Default)]
@@ -59,12 +63,16 @@ struct Session {
     peak_process_bytes: Option<u64>,
     process_visible: bool,
     samples: u64,
+    first_at: Option<Instant>,
+    last_at: Option<Instant>,
 }
 
 impl Session {
-    fn record(&mut self, reading: Option<DeviceMemoryReading>) {
+    fn record(&mut self, reading: Option<DeviceMemoryReading>, at: Instant) {
         let Some(reading) = reading else { return };
         self.samples += 1;
+        self.first_at.get_or_insert(at);
+        self.last_at = Some(at);
         self.start.get_or_insert(reading);
         self.last = Some(reading);
         self.peak_used_bytes = Some(self.peak_used_bytes.unwrap_or(0).max(reading.used_bytes));
@@ -94,9 +102,10 @@ impl Shared {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .read();
+        let at = Instant::now();
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(session) = state.session.as_mut() {
-            session.record(reading);
+            session.record(reading, at);
         }
     }
 }
@@ -152,6 +161,12 @@ impl DeviceMemorySampler {
             .session
             .take()
             .unwrap_or_default();
+        let samples_per_second = match (session.first_at, session.last_at) {
+            (Some(first), Some(last)) if last > first => {
+                Some((session.samples - 1) as f64 / (last - first).as_secs_f64())
+            }
+            _ => None,
+        };
         DeviceUsage {
             source: self.shared.name,
             used_start_mib: session.start.map(|r| mib(r.used_bytes)),
@@ -160,6 +175,7 @@ impl DeviceMemorySampler {
             process_peak_mib: session.peak_process_bytes.map(mib),
             process_visible: session.process_visible,
             samples: session.samples,
+            samples_per_second,
         }
     }
 }
@@ -192,9 +208,43 @@ fn sample_loop(shared: &Shared, period: Duration) {
                 return;
             }
         }
-        shared.read_into_session();
-        std::thread::sleep(period);
+
+        // Readings are scheduled on a deadline, so the time a reading takes (an NVML call can
+        // take milliseconds) does not lower the rate.
+        let mut tick = Instant::now();
+        loop {
+            shared.read_into_session();
+            tick = next_tick(tick, period, Instant::now());
+            let mut state = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
+            while state.session.is_some() && !state.stopping {
+                let left = tick.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                state = shared
+                    .wake
+                    .wait_timeout(state, left)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+            if state.session.is_none() || state.stopping {
+                break;
+            }
+        }
     }
+}
+
+/// The instant of the reading after the one scheduled at `scheduled`: one `period` later, or,
+/// when readings have fallen behind (`now` is past that), the first tick of the same grid
+/// still ahead. Missed ticks are skipped rather than read in a burst, which would count
+/// readings without adding information.
+fn next_tick(scheduled: Instant, period: Duration, now: Instant) -> Instant {
+    let next = scheduled + period;
+    if next > now || period.is_zero() {
+        return next;
+    }
+    let missed = (now - scheduled).as_nanos() / period.as_nanos();
+    scheduled + period.mul_f64((missed + 1) as f64)
 }
 
 #[cfg(test)]
@@ -215,6 +265,59 @@ mod tests {
         fn name(&self) -> &'static str {
             "scripted"
         }
+    }
+
+    #[test]
+    fn ticks_follow_a_fixed_grid_and_skip_the_ones_already_missed() {
+        let start = Instant::now();
+        let period = Duration::from_millis(10);
+        let at = |millis: u64| start + Duration::from_millis(millis);
+
+        // A reading that took 3 ms does not push the schedule back.
+        assert_eq!(next_tick(start, period, at(3)), at(10));
+        assert_eq!(next_tick(at(10), period, at(19)), at(20));
+        // A reading that ended on the next tick, or 25 ms late, goes to the next tick ahead.
+        assert_eq!(next_tick(at(20), period, at(30)), at(40));
+        assert_eq!(next_tick(at(20), period, at(55)), at(60));
+    }
+
+    #[test]
+    fn the_rate_achieved_is_recorded_with_the_count() {
+        let used = Arc::new(AtomicU64::new(100 << 20));
+        let sampler = DeviceMemorySampler::spawn(
+            Box::new(Scripted(Arc::clone(&used), Some(1 << 20))),
+            Duration::from_millis(10),
+            "test",
+        );
+
+        sampler.begin_job();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let samples = sampler
+                .shared
+                .state
+                .lock()
+                .unwrap()
+                .session
+                .as_ref()
+                .unwrap()
+                .samples;
+            assert!(Instant::now() < deadline, "only {samples} readings in 10 s");
+            if samples >= 30 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let usage = sampler.end_job();
+
+        assert!(usage.samples >= 31, "{usage:?}");
+        let rate = usage.samples_per_second.expect("a rate from 31 readings");
+        // 100 Hz asked; a loaded machine may delay the thread, so only a floor far below it.
+        assert!(rate >= 20.0, "{rate} readings per second");
+        assert!(
+            rate <= 150.0,
+            "no bursts of catch-up readings: {rate} per second"
+        );
     }
 
     #[test]

@@ -62,6 +62,9 @@ pub struct DeviceSpec {
     pub context_mib: u64,
     /// The model's weights, MiB, allocated when the runtime is built.
     pub weights_mib: u64,
+    /// Whether the driver cannot see this process (a container without the host's process
+    /// view): its readings then carry no figure for this process.
+    pub process_hidden: bool,
 }
 
 impl DeviceSpec {
@@ -72,6 +75,7 @@ impl DeviceSpec {
             capacity_mib: 8192,
             context_mib: 300,
             weights_mib: 200,
+            process_hidden: false,
         }
     }
 }
@@ -463,6 +467,7 @@ impl DeviceProbe for FakeProbe {
 /// The driver's view of the device, as the sampler thread reads it.
 struct FakeDriver {
     device: FakeDevice,
+    process_hidden: bool,
 }
 
 impl DeviceMemorySource for FakeDriver {
@@ -474,7 +479,7 @@ impl DeviceMemorySource for FakeDriver {
         };
         Some(DeviceMemoryReading {
             used_bytes: memory.device_used_bytes(),
-            process_bytes: Some(memory.process_bytes()),
+            process_bytes: (!self.process_hidden).then(|| memory.process_bytes()),
         })
     }
 
@@ -577,7 +582,10 @@ impl FakeGpus {
                     device: device.clone(),
                 }),
                 sampler: Some(DeviceMemorySampler::spawn(
-                    Box::new(FakeDriver { device }),
+                    Box::new(FakeDriver {
+                        device,
+                        process_hidden: gpus.spec(name).process_hidden,
+                    }),
                     SAMPLE_PERIOD,
                     name,
                 )),

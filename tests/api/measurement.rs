@@ -346,7 +346,46 @@ async fn two_devices_running_at_once_keep_their_figures_on_their_own_device() {
             device_memory(row, "process_peak_mib"),
             context + weights + job_mib
         );
+        // Each job works 400 ms; had either clock run on through the other's work it would
+        // read 800 ms. The upper side leaves room for a loaded machine's scheduling.
+        let duration = number(row, "duration_seconds");
+        assert!(
+            (0.4..0.75).contains(&duration),
+            "{}'s own 400 ms: {duration} s",
+            run.device
+        );
     }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_driver_that_cannot_see_this_process_says_so_instead_of_reporting_0() {
+    let gpus = FakeGpus::new(vec![DeviceSpec {
+        process_hidden: true,
+        ..DeviceSpec::new("cuda:0")
+    }]);
+    let app = spawn_app_with(gpus.app_options()).await;
+
+    let row = run_job(&app, scripted_image("alloc 64; step; work 50; step")).await;
+
+    assert_eq!(row["status"], "succeeded", "{row}");
+    let figures = &row["extra"]["device_memory"];
+    assert_eq!(figures["source"], FAKE_SOURCE, "{row}");
+    assert_eq!(figures["process_visible"], false, "{row}");
+    assert!(
+        figures["process_peak_mib"].is_null(),
+        "unknown, not 0: {row}"
+    );
+    // The device-level figures do not depend on seeing the process: context 300 + weights
+    // 200 at the start, + 64 at the peak.
+    assert_eq!(device_memory(&row, "used_start_mib"), 500.0);
+    assert_eq!(device_memory(&row, "used_peak_mib"), 564.0);
+    assert_eq!(vram(&row), (200.0, 264.0, 264.0, 64.0), "{row}");
+    assert!(device_memory(&row, "samples") >= 2.0, "{row}");
+    assert!(
+        device_memory(&row, "samples_per_second") > 0.0,
+        "the rate achieved is recorded: {row}"
+    );
     app.stop().await;
 }
 
