@@ -1,5 +1,9 @@
 //! `seidra generate`: submits a job to a running service, follows its progress on the channel
 //! `system` with a progress bar, and prints the job's figures and files when it ends.
+//!
+//! The token goes in the `Authorization` header, never in a URL a proxy might log. When the
+//! channel closes before the job ends (the service stopping, the token expiring, the client
+//! lagging, or the connection lost), the job is followed by polling `GET /api/jobs/{id}`.
 
 use std::time::Duration;
 
@@ -8,6 +12,15 @@ use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+/// How often a job is read while the channel is not there to follow it.
+const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// How long polling goes on while the service cannot be reached before giving up.
+const UNREACHABLE_LIMIT: Duration = Duration::from_secs(60);
+
+type Channel =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// What to generate, from the command line.
 #[derive(Debug, clap::Args)]
@@ -72,12 +85,16 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
     }
 
     // Subscribe before submitting so that no event of the job is missed.
-    let ws_url = format!(
-        "{}/api/system/ws?token={}",
-        base.replacen("http", "ws", 1),
-        args.token
+    let mut request = format!("{}/api/system/ws", base.replacen("http", "ws", 1))
+        .into_client_request()
+        .context("the channel's URL")?;
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", args.token)
+            .parse()
+            .context("the token is not a valid header value")?,
     );
-    let (mut channel, _) = tokio_tungstenite::connect_async(ws_url)
+    let (channel, _) = tokio_tungstenite::connect_async(request)
         .await
         .context("opening the channel `system`")?;
     let client = reqwest::Client::new();
@@ -113,26 +130,10 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
     );
     bar.set_message(format!("job {job_id} queued"));
     bar.enable_steady_tick(Duration::from_millis(120));
-    while let Some(message) = channel.next().await {
-        let Message::Text(text) = message? else {
-            continue;
-        };
-        let event: Value = serde_json::from_str(&text)?;
-        if event["data"]["job_id"] != job_id.as_str() {
-            continue;
-        }
-        match event["type"].as_str() {
-            Some("job.started") => bar.set_message(format!(
-                "job {job_id} on {}",
-                event["data"]["device"].as_str().unwrap_or("?")
-            )),
-            Some("job.progress") => {
-                bar.set_length(event["data"]["steps"].as_u64().unwrap_or(0));
-                bar.set_position(event["data"]["step"].as_u64().unwrap_or(0));
-            }
-            Some("job.finished" | "job.failed" | "job.cancelled") => break,
-            _ => {}
-        }
+    if let Err(why) = follow_on_channel(channel, &job_id, &bar).await {
+        bar.suspend(|| eprintln!("the channel closed ({why}); polling job {job_id}"));
+        bar.set_message(format!("job {job_id} (polling)"));
+        wait_by_polling(&client, &base, &args.token, &job_id).await?;
     }
     bar.finish_and_clear();
 
@@ -152,6 +153,88 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
         bail!("job {job_id} ended {}", job["status"]);
     }
     Ok(())
+}
+
+/// Shows the job's progress until it ends; why not, when the channel closes first.
+async fn follow_on_channel(
+    mut channel: Channel,
+    job_id: &str,
+    bar: &ProgressBar,
+) -> Result<(), String> {
+    while let Some(message) = channel.next().await {
+        let text = match message {
+            Ok(Message::Text(text)) => text,
+            Ok(Message::Close(frame)) => {
+                return Err(frame.map_or_else(
+                    || "no close code".to_owned(),
+                    |frame| format!("{} {}", u16::from(frame.code), frame.reason),
+                ));
+            }
+            Ok(_) => continue,
+            Err(error) => return Err(error.to_string()),
+        };
+        let Ok(event) = serde_json::from_str::<Value>(&text) else {
+            continue;
+        };
+        if event["data"]["job_id"] != job_id {
+            continue;
+        }
+        match event["type"].as_str() {
+            Some("job.started") => bar.set_message(format!(
+                "job {job_id} on {}",
+                event["data"]["device"].as_str().unwrap_or("?")
+            )),
+            Some("job.progress") => {
+                bar.set_length(event["data"]["steps"].as_u64().unwrap_or(0));
+                bar.set_position(event["data"]["step"].as_u64().unwrap_or(0));
+            }
+            Some("job.finished" | "job.failed" | "job.cancelled") => return Ok(()),
+            _ => {}
+        }
+    }
+    Err("the connection ended".to_owned())
+}
+
+/// Reads the job until it has ended. A service that cannot be reached is tried again for
+/// `UNREACHABLE_LIMIT`; an answer other than the job (a refused token) ends the wait.
+async fn wait_by_polling(
+    client: &reqwest::Client,
+    base: &str,
+    token: &str,
+    job_id: &str,
+) -> anyhow::Result<()> {
+    let mut unreachable_since = None;
+    loop {
+        let answer = client
+            .get(format!("{base}/api/jobs/{job_id}"))
+            .bearer_auth(token)
+            .send()
+            .await;
+        match answer {
+            Ok(response) if response.status().is_success() => {
+                unreachable_since = None;
+                let job: Value = response.json().await.context("reading the job")?;
+                if matches!(
+                    job["status"].as_str(),
+                    Some("succeeded" | "failed" | "cancelled")
+                ) {
+                    return Ok(());
+                }
+            }
+            Ok(response) => bail!(
+                "reading job {job_id}: {} {}",
+                response.status(),
+                response.text().await.unwrap_or_default()
+            ),
+            Err(error) => {
+                let since = *unreachable_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() > UNREACHABLE_LIMIT {
+                    return Err(error).context(format!("reading job {job_id}"));
+                }
+            }
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
 }
 
 fn print_summary(base: &str, job: &Value) {

@@ -22,7 +22,9 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
 use tracing_subscriber::layer::SubscriberExt;
 
-use crate::helpers::{AppOptions, TestApp, fresh_database, small_image, spawn_app_with};
+use crate::helpers::{
+    AppOptions, CuttableProxy, TestApp, fresh_database, small_image, spawn_app_with,
+};
 
 /// A client of the channel.
 pub type Socket = WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -873,4 +875,49 @@ async fn a_connected_client_gets_going_away_when_the_service_stops() {
         matches!(after, None | Some(Ok(Message::Close(_)))),
         "a clean end after the close frame, got {after:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seidra_generate_polls_the_job_when_the_channel_closes_before_it_ends() {
+    let app = spawn_app_with(AppOptions::default()).await;
+    let mut proxy =
+        CuttableProxy::start(app.base_url.trim_start_matches("http://").to_owned()).await;
+    let mut watch = connect_with(&app, &app.token, "").await;
+    let url = format!("http://{}", proxy.address);
+    let token = app.token.clone();
+    // Long enough to be still running when the connection is cut.
+    let cli = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_seidra"))
+            .args(["generate", "--json", "--width", "64", "--height", "64"])
+            .args([
+                "--steps", "30", "--seed", "7", "--url", &url, "--token", &token,
+            ])
+            .arg("a job that outlives its channel")
+            .output()
+            .unwrap()
+    });
+
+    // A few steps into the job, long after the command had the answer to its submission,
+    // the command's connections are cut, then let through again.
+    loop {
+        let event = next_json(&mut watch).await;
+        if event["type"] == "job.progress" && event["data"]["step"].as_u64() >= Some(4) {
+            break;
+        }
+    }
+    proxy.cut().await;
+    proxy.restore();
+
+    let output = cli.await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("polling"),
+        "the channel closed first: {stderr}"
+    );
+    let job: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(job["status"], "succeeded");
+    assert_eq!(job["metrics"]["extra"]["seed"], 7);
+    proxy.stop();
+    app.stop().await;
 }
