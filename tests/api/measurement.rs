@@ -161,6 +161,56 @@ async fn work_a_failed_job_left_on_the_device_is_not_counted_in_the_next_job() {
 }
 
 #[tokio::test]
+async fn total_seconds_runs_to_the_commit_when_the_database_holds_the_row_back() {
+    use sea_orm::sqlx::sqlite::SqliteConnectOptions;
+    use sea_orm::sqlx::{Connection, Executor, SqliteConnection};
+
+    let gpus = FakeGpus::named(&["cuda:0"]);
+    let app = spawn_app_with(gpus.app_options()).await;
+    if app.on_postgres() {
+        // The write lock below is SQLite's.
+        app.stop().await;
+        return;
+    }
+
+    let script = "alloc 8; step; work 300; step";
+    let id = app.submit(scripted_image(script)).await;
+    let submitted_by = std::time::Instant::now();
+    let (app_ref, id_ref) = (&app, &id);
+    eventually("the job runs", move || async move {
+        (app_ref.job(id_ref).await["status"] == "running").then_some(())
+    })
+    .await;
+
+    // A write transaction from another connection keeps the writer out for longer than its
+    // own busy timeout (5 s), so its first attempt fails and the row waits for a retry.
+    let options = SqliteConnectOptions::new()
+        .filename(app.data_dir.join("seidra.db"))
+        .busy_timeout(Duration::from_secs(30));
+    let mut holder = SqliteConnection::connect_with(&options).await.unwrap();
+    holder.execute("BEGIN IMMEDIATE").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(
+        !gpus.runs_of(script).is_empty(),
+        "the job ended while the database was locked"
+    );
+    holder.execute("ROLLBACK").await.unwrap();
+    let released = std::time::Instant::now();
+    holder.close().await.unwrap();
+
+    let row = app.wait_for_job(&id).await["metrics"].clone();
+    let total = row["extra"]["total_seconds"].as_f64().unwrap();
+    let at_least = (released - submitted_by).as_secs_f64();
+    assert!(
+        total >= at_least,
+        "committed after the lock was released, {at_least} s after submission: {total} s"
+    );
+    let duration = number(&row, "duration_seconds");
+    assert!(duration < 1.0, "the wait is not inference: {duration} s");
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn a_small_job_after_a_large_one_has_its_own_peak_and_delta() {
     let gpus = FakeGpus::named(&["cuda:0"]);
     let app = spawn_app_with(gpus.app_options()).await;
