@@ -219,14 +219,6 @@ impl Worker {
         });
         tracing::debug!(job.id = %job.id, device = %self.device, "generation started");
 
-        // A cancel accepted while the job was on its way here: it never starts.
-        if job.cancel.is_cancelled() {
-            return Ok(WorkReport {
-                started: Instant::now(),
-                outcome: cancelled(Duration::ZERO),
-            });
-        }
-
         let DeviceRuntime {
             generator,
             probe,
@@ -234,6 +226,15 @@ impl Worker {
         } = runtime;
         let mut meter = JobMeter::start(probe.as_mut(), sampler.as_ref());
         let started = meter.started();
+
+        // A cancel accepted while the job was on its way here, or while the device finished
+        // earlier work: the model never starts.
+        if job.cancel.is_cancelled() {
+            return Ok(WorkReport {
+                started,
+                outcome: cancelled(meter.abandon()),
+            });
+        }
         let mut observer = JobObserver {
             job,
             meter: &mut meter,

@@ -657,6 +657,25 @@ async fn a_cancel_accepted_after_the_last_step_still_leaves_a_cancelled_row() {
     assert_eq!(row["outputs"], 0);
     assert_no_vram(&row);
 
+    // Its device is still finishing what a failed job left queued: the job counts as running,
+    // and a cancel then stops it before the model starts.
+    let failing = "alloc 8; step; async 1500; fail the scheduler diverged";
+    run_job(&app, scripted_image(failing)).await;
+    let waiting = "alloc 8; step; work 10";
+    let id = app.submit(scripted_image(waiting)).await;
+    let (app_ref, id_ref) = (&app, &id);
+    eventually("the job is handed to its device", move || async move {
+        (app_ref.job(id_ref).await["status"] == "running").then_some(())
+    })
+    .await;
+    assert_eq!(cancel(&app, &id).await, 202);
+    let row = app.wait_for_job(&id).await["metrics"].clone();
+    assert_eq!(row["status"], "cancelled", "{row}");
+    assert!(
+        gpus.runs_of(waiting).is_empty(),
+        "the model never ran the cancelled job"
+    );
+
     // The model has returned and the device is being synchronised: the worker's own checks
     // are behind it, so the registry turns the outcome into a cancellation.
     let syncing = "alloc 8; step; async 1500";
