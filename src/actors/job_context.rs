@@ -513,10 +513,17 @@ impl JobContextState {
             GenerationError::OutOfMemory(_) => "out_of_memory",
             _ => "worker_crashed",
         };
-        let ended = Ended::Failed {
-            kind,
-            message: reason,
-            elapsed: started.elapsed(),
+        let ended = if job.cancel.is_cancelled() {
+            // The client was told the job is cancelled; the crash stays in the supervisor's log.
+            Ended::Cancelled {
+                elapsed: started.elapsed(),
+            }
+        } else {
+            Ended::Failed {
+                kind,
+                message: reason,
+                elapsed: started.elapsed(),
+            }
         };
         let row = self.row(&job, Some(device), json!({}), ended, started);
         self.append(myself, job_id, row);

@@ -696,8 +696,22 @@ async fn a_cancel_accepted_after_the_last_step_still_leaves_a_cancelled_row() {
         "no files of a cancelled job: {job}"
     );
 
+    // The model crashes after the cancel was accepted: still a cancelled row, and the device
+    // is rebuilt as after any crash.
+    let crashing = "alloc 8; step; work 800; panic the model fell over";
+    let id = app.submit(scripted_image(crashing)).await;
+    let (app_ref, id_ref) = (&app, &id);
+    eventually("the job passes its only step", move || async move {
+        (app_ref.job(id_ref).await["progress"]["done"].as_u64() == Some(1)).then_some(())
+    })
+    .await;
+    assert_eq!(cancel(&app, &id).await, 202);
+    let row = app.wait_for_job(&id).await["metrics"].clone();
+    assert_eq!(row["status"], "cancelled", "{row}");
+
     let later = run_job(&app, scripted_image("alloc 8; step")).await;
     assert_eq!(later["status"], "succeeded", "{later}");
+    assert_eq!(gpus.starts("cuda:0"), 2, "the device was rebuilt");
     app.stop().await;
 }
 
