@@ -93,6 +93,8 @@ else
     log "warning: nvidia-smi is missing or sees no GPU; the driver cross-check is skipped"
 fi
 if [[ -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
+    # The service maps cuda:<i> to the i-th listed GPU for its own NVML figures; this script's
+    # nvidia-smi cross-check does not.
     log "warning: CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES: nvidia-smi indexes may not match cuda:<i>"
 fi
 
@@ -275,6 +277,9 @@ def examine(short, row, latency):
           f"duration_seconds {duration:.4f} > client latency {latency:.4f}")
     check(wait + duration <= latency + 0.005, "FAIL", short,
           f"queue wait {wait:.4f} + duration {duration:.4f} > client latency {latency:.4f}")
+    total = extra.get("total_seconds")
+    check(total is not None and total >= wait + duration, "FAIL", short,
+          f"extra.total_seconds {total} < queue wait {wait:.4f} + duration {duration:.4f}")
 
     vram_known = None not in (peak, allocated, reserved, delta)
     check(vram_known, "FAIL", short, "a vram_* column is NULL on a GPU")
@@ -291,6 +296,12 @@ def examine(short, row, latency):
               f"extra.device_memory.source is {memory.get('source')}, not nvml")
         check(memory.get("samples", 0) >= 2, "WARN", short,
               f"only {memory.get('samples')} NVML readings")
+        rate = memory.get("samples_per_second")
+        # Over a short job the first and last readings (taken by the meter itself) weigh
+        # too much for the rate to say anything about the sampler thread.
+        if duration >= 0.2:
+            check(rate is not None and rate >= 50, "FAIL", short,
+                  f"NVML read {rate} times per second during the job, under 50")
         if used_peak is not None and vram_known:
             check(used_peak + 1 >= peak, "FAIL", short,
                   f"NVML used_peak_mib {used_peak} < allocator vram_peak_mb {peak}")
