@@ -161,7 +161,7 @@ async fn work_a_failed_job_left_on_the_device_is_not_counted_in_the_next_job() {
 }
 
 #[tokio::test]
-async fn total_seconds_runs_to_the_commit_when_the_database_holds_the_row_back() {
+async fn a_row_the_database_holds_back_is_past_cancelling_and_its_total_runs_to_the_commit() {
     use sea_orm::sqlx::sqlite::SqliteConnectOptions;
     use sea_orm::sqlx::{Connection, Executor, SqliteConnection};
 
@@ -194,11 +194,16 @@ async fn total_seconds_runs_to_the_commit_when_the_database_holds_the_row_back()
         !gpus.runs_of(script).is_empty(),
         "the job ended while the database was locked"
     );
+    // Its row is decided and waits in the writer: a cancel is too late, though the job is
+    // not reported finished before the commit.
+    assert_eq!(app.job(&id).await["status"], "running");
+    assert_eq!(cancel(&app, &id).await, 409);
     holder.execute("ROLLBACK").await.unwrap();
     let released = std::time::Instant::now();
     holder.close().await.unwrap();
 
     let row = app.wait_for_job(&id).await["metrics"].clone();
+    assert_eq!(row["status"], "succeeded", "{row}");
     let total = row["extra"]["total_seconds"].as_f64().unwrap();
     let at_least = (released - submitted_by).as_secs_f64();
     assert!(
