@@ -35,10 +35,11 @@ impl GenerationError {
     // FIXME: cubecl reports allocation failures as text (or panics); the kind is read from the
     // message, so a reworded message would be recorded as `model_error`.
     pub fn from_device_message(message: String) -> Self {
-        let lower = message.to_lowercase();
-        if lower.contains("out of memory")
-            || lower.contains("outofmemory")
-            || lower.contains("can't allocate")
+        // cubecl writes "out-of-memory" and "OutOfMemory", the driver "CUDA_ERROR_OUT_OF_MEMORY".
+        let spelled = message.to_lowercase().replace(['-', '_'], " ");
+        if spelled.contains("out of memory")
+            || spelled.contains("outofmemory")
+            || spelled.contains("can't allocate")
         {
             GenerationError::OutOfMemory(message)
         } else {
@@ -72,4 +73,31 @@ pub trait Generator: Send {
         request: &GenerationRequest,
         observer: &mut dyn StepObserver,
     ) -> Result<Vec<RgbImage>, GenerationError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_memory_is_recognised_however_the_device_spells_it() {
+        for message in [
+            "the model panicked on cuda:0: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")",
+            "called `Result::unwrap()` on an `Err` value: CUDA_ERROR_OUT_OF_MEMORY",
+            "An out-of-memory error happened during launch\nCaused by:\n  pool exhausted",
+            "OutOfMemory { reason: \"can't allocate 2 GiB\" }",
+        ] {
+            let error = GenerationError::from_device_message(message.to_owned());
+            assert_eq!(error.kind(), "out_of_memory", "{message}");
+            assert!(
+                error.to_string().contains(message),
+                "the message is kept: {error}"
+            );
+        }
+        let error = GenerationError::from_device_message("illegal memory access".to_owned());
+        assert_eq!(
+            error,
+            GenerationError::Model("illegal memory access".to_owned())
+        );
+    }
 }

@@ -259,7 +259,7 @@ impl Worker {
             },
             Ok(Ok(images)) => match meter.finish() {
                 Err(error) => WorkOutcome::Failed {
-                    error: device_error(error.to_string()),
+                    error: GenerationError::from_device_message(error.to_string()),
                     elapsed: started.elapsed(),
                 },
                 Ok(measurement) => self.write_outputs(job, &images, measurement),
@@ -356,17 +356,6 @@ fn cancelled(elapsed: Duration) -> WorkOutcome {
     }
 }
 
-/// A device's error text (a failed synchronisation, or a panic from the backend) as an error of
-/// the right kind. cubecl and the CUDA driver spell out-of-memory `out-of-memory` and
-/// `CUDA_ERROR_OUT_OF_MEMORY`, so separators are read as spaces; the message is kept as given.
-pub fn device_error(message: String) -> GenerationError {
-    let spelled = message.replace(['-', '_'], " ");
-    match GenerationError::from_device_message(spelled) {
-        GenerationError::OutOfMemory(_) => GenerationError::OutOfMemory(message),
-        _ => GenerationError::Model(message),
-    }
-}
-
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     panic
         .downcast_ref::<&str>()
@@ -378,28 +367,6 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn out_of_memory_is_recognised_however_the_device_spells_it() {
-        for message in [
-            "the model panicked on cuda:0: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")",
-            "called `Result::unwrap()` on an `Err` value: CUDA_ERROR_OUT_OF_MEMORY",
-            "An out-of-memory error happened during launch\nCaused by:\n  pool exhausted",
-            "OutOfMemory { reason: \"can't allocate 2 GiB\" }",
-        ] {
-            let error = device_error(message.to_owned());
-            assert_eq!(error.kind(), "out_of_memory", "{message}");
-            assert!(
-                error.to_string().contains(message),
-                "the message is kept: {error}"
-            );
-        }
-        let error = device_error("illegal memory access".to_owned());
-        assert_eq!(
-            error,
-            GenerationError::Model("illegal memory access".to_owned())
-        );
-    }
 
     #[test]
     fn progress_is_announced_at_most_five_times_a_second_and_always_at_the_last_step() {

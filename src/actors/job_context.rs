@@ -19,7 +19,7 @@ use thiserror::Error;
 use uuid::Uuid;
 
 use crate::actors::broadcast::BroadcastMessage;
-use crate::actors::gpu_model::{GpuModelMessage, WorkOutcome, WorkReport, device_error};
+use crate::actors::gpu_model::{GpuModelMessage, WorkOutcome, WorkReport};
 use crate::actors::telemetry_writer::{NewMetric, TelemetryWriterMessage};
 use crate::events::{EventType, GenerationItem, JobEvent};
 use crate::generation::{CancelFlag, GenerationRequest, Job, JobStatus, MediaType};
@@ -509,7 +509,7 @@ impl JobContextState {
         let job = entry.view.job.clone();
         // An out-of-memory inside the backend arrives as a panic; it is recorded as what it
         // is, while the device is rebuilt like after any other crash.
-        let kind = match device_error(reason.clone()) {
+        let kind = match GenerationError::from_device_message(reason.clone()) {
             GenerationError::OutOfMemory(_) => "out_of_memory",
             _ => "worker_crashed",
         };
