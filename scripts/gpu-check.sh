@@ -11,6 +11,10 @@
 #   - the driver, through nvidia-smi sampled every 50 ms during the run: the device's used
 #     memory during the job must cover the allocator's vram_peak_mb, and agree with the NVML
 #     figures the service stored in extra.device_memory.
+# FIXME: duration_seconds is bounded here only from above (the client's clock); no device-side
+# timing (CUDA events around the job) bounds it from below, so a timer stopped before the GPU
+# finished would still pass this script. The CPU tests, with a device double whose work ends
+# after its submit call returns, are what guard that today.
 # It writes ${OUT:-./gpu-check-out}/report.md (and the raw rows, samples and server log beside
 # it), prints the report, and exits non-zero if a check failed.
 #
