@@ -1,10 +1,12 @@
 //! What measuring a generation costs: the built-in model on the CPU, run with and without
-//! the meter (a [`JobMeter`] sampled after every step, and a [`DeviceMemorySampler`] thread
-//! on a cheap source at the CUDA build's 10 ms period), and the sampler thread's own CPU
-//! time, idle and during a job.
+//! the meter (a [`JobMeter`] sampled after every step on a probe that reports allocator
+//! figures as a GPU's does, and a [`DeviceMemorySampler`] thread on a cheap source at the
+//! CUDA build's 10 ms period), and the sampler thread's own CPU time, idle and during a job.
 //!
 //! `cargo bench --bench measurement` prints criterion's figures, then an interleaved A/B run
-//! of the same two cases with the overhead in percent, then the sampler's CPU cost.
+//! of the same two cases with the overhead in percent, then the meter's own cost per job
+//! (start, a sample per step, finish, around no work) as a share of a generation, then the
+//! sampler's CPU cost.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -17,7 +19,8 @@ use criterion::Criterion;
 use image::RgbImage;
 use seidra::generation::{GenerationRequest, MediaType};
 use seidra::measure::{
-    CpuProbe, DeviceMemoryReading, DeviceMemorySampler, DeviceMemorySource, JobMeter, Measurement,
+    AllocatorUsage, DeviceMemoryReading, DeviceMemorySampler, DeviceMemorySource, DeviceProbe,
+    JobMeter, Measurement, SyncError,
 };
 use seidra::model::diffusion::{BUILTIN_MODEL, DiffusionGenerator, RunToEnd};
 use seidra::model::{Generator, StepObserver};
@@ -48,6 +51,27 @@ impl DeviceMemorySource for CheapSource {
 
     fn name(&self) -> &'static str {
         "bench"
+    }
+}
+
+/// A probe with allocator figures that move at every read, so that the meter's per-step
+/// sample does the bookkeeping it does on a GPU (the CPU's own probe reports none).
+#[derive(Default)]
+struct AllocatorProbe {
+    reads: u64,
+}
+
+impl DeviceProbe for AllocatorProbe {
+    fn synchronize(&mut self) -> Result<(), SyncError> {
+        Ok(())
+    }
+
+    fn allocator_usage(&mut self) -> Option<AllocatorUsage> {
+        self.reads += 1;
+        Some(AllocatorUsage {
+            in_use_bytes: (64 << 20) + (self.reads % 7) * (1 << 20),
+            reserved_bytes: 256 << 20,
+        })
     }
 }
 
@@ -83,7 +107,7 @@ fn small_request() -> GenerationRequest {
 
 struct Bench {
     generator: DiffusionGenerator<NdArray>,
-    probe: CpuProbe,
+    probe: AllocatorProbe,
     sampler: DeviceMemorySampler,
     request: GenerationRequest,
 }
@@ -93,7 +117,7 @@ impl Bench {
         Bench {
             generator: DiffusionGenerator::new(NdArrayDevice::Cpu, None)
                 .expect("the built-in model builds"),
-            probe: CpuProbe,
+            probe: AllocatorProbe::default(),
             sampler: DeviceMemorySampler::spawn(
                 Box::new(CheapSource {
                     reads: Arc::default(),
@@ -137,7 +161,7 @@ fn criterion_benches(c: &mut Criterion, bench: &mut Bench) {
     c.bench_function("meter_start_finish_empty_job", |b| {
         b.iter(|| {
             let meter = JobMeter::start(&mut bench.probe, Some(&bench.sampler));
-            black_box(meter.finish().expect("the CPU always synchronises"))
+            black_box(meter.finish().expect("the probe always synchronises"))
         })
     });
 }
@@ -204,6 +228,28 @@ fn interleaved_overhead(bench: &mut Bench) {
         mean * 1e3,
         100.0 * mean / off_median,
         100.0 * standard_error / off_median,
+    );
+    meter_cost_alone(bench, off_median);
+}
+
+/// The meter's whole cost for one job of the bench's request, around no work: what it adds
+/// to a generation however noisy the generation's own time is.
+fn meter_cost_alone(bench: &mut Bench, generation_seconds: f64) {
+    const JOBS: u32 = 20_000;
+    let steps = bench.request.steps;
+    let started = Instant::now();
+    for _ in 0..JOBS {
+        let mut meter = JobMeter::start(&mut bench.probe, Some(&bench.sampler));
+        for _ in 0..steps {
+            meter.sample();
+        }
+        black_box(meter.finish().expect("the probe always synchronises"));
+    }
+    let per_job = started.elapsed().as_secs_f64() / f64::from(JOBS);
+    println!(
+        "  the meter alone (start, {steps} samples, finish), {JOBS} jobs: {:.2} us a job = {:.3} % of the generation's median",
+        per_job * 1e6,
+        100.0 * per_job / generation_seconds,
     );
 }
 
