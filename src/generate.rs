@@ -2,8 +2,10 @@
 //! `system` with a progress bar, and prints the job's figures and files when it ends.
 //!
 //! The token goes in the `Authorization` header, never in a URL a proxy might log. When the
-//! channel closes before the job ends (the service stopping, the token expiring, the client
-//! lagging, or the connection lost), the job is followed by polling `GET /api/jobs/{id}`.
+//! channel cannot be opened (a user token: the channel needs the operator role) or closes
+//! before the job ends (the service stopping, the client lagging, or the connection lost), the
+//! job is followed by polling `GET /api/jobs/{id}`. A token that expires ends the command,
+//! since no read can succeed with it.
 
 use std::time::Duration;
 
@@ -13,6 +15,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use seidra::api::websocket::CLOSE_TOKEN_EXPIRED;
 
 /// How often a job is read while the channel is not there to follow it.
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
@@ -28,7 +32,8 @@ pub struct GenerateArgs {
     /// The service's base URL.
     #[arg(long, env = "SEIDRA_URL", default_value = "http://127.0.0.1:8080")]
     url: String,
-    /// An operator token (the channel needs the operator role).
+    /// A token; with the user role the job is followed by polling, since the channel needs the
+    /// operator role.
     #[arg(long, env = "SEIDRA_TOKEN")]
     token: String,
     /// `image` or `video`.
@@ -94,9 +99,13 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
             .parse()
             .context("the token is not a valid header value")?,
     );
-    let (channel, _) = tokio_tungstenite::connect_async(request)
-        .await
-        .context("opening the channel `system`")?;
+    let channel = match tokio_tungstenite::connect_async(request).await {
+        Ok((channel, _)) => Some(channel),
+        Err(error) => {
+            eprintln!("the channel `system` could not be opened ({error}); the job is polled");
+            None
+        }
+    };
     let client = reqwest::Client::new();
     let response = client
         .post(format!("{base}/api/jobs"))
@@ -130,10 +139,23 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
     );
     bar.set_message(format!("job {job_id} queued"));
     bar.enable_steady_tick(Duration::from_millis(120));
-    if let Err(why) = follow_on_channel(channel, &job_id, &bar).await {
-        bar.suspend(|| eprintln!("the channel closed ({why}); polling job {job_id}"));
-        bar.set_message(format!("job {job_id} (polling)"));
-        wait_by_polling(&client, &base, &args.token, &job_id).await?;
+    let followed = match channel {
+        Some(channel) => follow_on_channel(channel, &job_id, &bar).await,
+        None => Err(ChannelEnd::Closed("not opened".to_owned())),
+    };
+    match followed {
+        Ok(()) => {}
+        Err(ChannelEnd::TokenExpired) => {
+            bar.abandon();
+            bail!(
+                "the token expired while job {job_id} was running; read it with a fresh token at {base}/api/jobs/{job_id}"
+            );
+        }
+        Err(ChannelEnd::Closed(why)) => {
+            bar.suspend(|| eprintln!("following job {job_id} by polling: the channel {why}"));
+            bar.set_message(format!("job {job_id} (polling)"));
+            wait_by_polling(&client, &base, &args.token, &job_id).await?;
+        }
     }
     bar.finish_and_clear();
 
@@ -155,23 +177,34 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Why the channel stopped before the job ended.
+enum ChannelEnd {
+    /// Closed with 4001: the token can read nothing more.
+    TokenExpired,
+    /// Closed or lost otherwise, in these words.
+    Closed(String),
+}
+
 /// Shows the job's progress until it ends; why not, when the channel closes first.
 async fn follow_on_channel(
     mut channel: Channel,
     job_id: &str,
     bar: &ProgressBar,
-) -> Result<(), String> {
+) -> Result<(), ChannelEnd> {
     while let Some(message) = channel.next().await {
         let text = match message {
             Ok(Message::Text(text)) => text,
+            Ok(Message::Close(Some(frame))) if u16::from(frame.code) == CLOSE_TOKEN_EXPIRED => {
+                return Err(ChannelEnd::TokenExpired);
+            }
             Ok(Message::Close(frame)) => {
-                return Err(frame.map_or_else(
-                    || "no close code".to_owned(),
-                    |frame| format!("{} {}", u16::from(frame.code), frame.reason),
-                ));
+                return Err(ChannelEnd::Closed(frame.map_or_else(
+                    || "closed with no close code".to_owned(),
+                    |frame| format!("closed with {} {}", u16::from(frame.code), frame.reason),
+                )));
             }
             Ok(_) => continue,
-            Err(error) => return Err(error.to_string()),
+            Err(error) => return Err(ChannelEnd::Closed(format!("was lost: {error}"))),
         };
         let Ok(event) = serde_json::from_str::<Value>(&text) else {
             continue;
@@ -192,7 +225,7 @@ async fn follow_on_channel(
             _ => {}
         }
     }
-    Err("the connection ended".to_owned())
+    Err(ChannelEnd::Closed("ended".to_owned()))
 }
 
 /// Reads the job until it has ended. A service that cannot be reached is tried again for

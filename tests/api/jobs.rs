@@ -6,7 +6,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::helpers::{small_image, small_video, spawn_app};
+use crate::helpers::{TestApp, small_image, small_video, spawn_app};
 
 #[tokio::test]
 async fn an_image_job_and_a_video_job_finish_with_complete_rows() {
@@ -267,12 +267,11 @@ async fn a_stop_lets_the_running_job_finish_records_the_queued_ones_and_publishe
     assert_eq!(queued_row.extra["error"]["kind"], "service_stopped");
 }
 
-#[tokio::test]
-async fn seidra_generate_follows_a_job_to_its_end_and_prints_it() {
-    let app = spawn_app().await;
+/// Runs `seidra generate --json` for a small seeded image with `token`; its exit and output.
+async fn run_generate(app: &TestApp, token: &str) -> std::process::Output {
     let base_url = app.base_url.clone();
-    let token = app.token.clone();
-    let output = tokio::task::spawn_blocking(move || {
+    let token = token.to_owned();
+    tokio::task::spawn_blocking(move || {
         std::process::Command::new(env!("CARGO_BIN_EXE_seidra"))
             .args([
                 "generate", "--json", "--width", "32", "--height", "32", "--steps", "3",
@@ -290,7 +289,10 @@ async fn seidra_generate_follows_a_job_to_its_end_and_prints_it() {
             .unwrap()
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+fn assert_generated(output: &std::process::Output) {
     assert!(
         output.status.success(),
         "{}",
@@ -300,6 +302,30 @@ async fn seidra_generate_follows_a_job_to_its_end_and_prints_it() {
     assert_eq!(job["status"], "succeeded");
     assert_eq!(job["metrics"]["extra"]["seed"], 5);
     assert_eq!(job["files"][0]["name"], "image-0.png");
+}
+
+#[tokio::test]
+async fn seidra_generate_follows_a_job_to_its_end_and_prints_it() {
+    let app = spawn_app().await;
+    let output = run_generate(&app, &app.token).await;
+    assert_generated(&output);
+    assert!(
+        !String::from_utf8_lossy(&output.stderr).contains("polling"),
+        "an operator follows the job on the channel"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn seidra_generate_with_a_user_token_follows_the_job_by_polling() {
+    let app = spawn_app().await;
+    let output = run_generate(&app, &app.user_token("user-7")).await;
+    assert_generated(&output);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("could not be opened") && stderr.contains("403"),
+        "the refused channel is reported: {stderr}"
+    );
     app.stop().await;
 }
 
