@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use migration::{Migrator, MigratorTrait};
-use seidra::api::auth::{AuthKeys, Role, load_or_create_secret};
+use seidra::api::auth::{self, AuthKeys, Role, load_or_create_secret};
 use seidra::app::Application;
 use seidra::logging::{self, LogFormat};
 use seidra::settings::Settings;
@@ -260,13 +260,7 @@ async fn migrate(settings: &Settings, action: MigrateAction) -> anyhow::Result<(
 
 /// A token subject the endpoint's `user_id` filter can select.
 fn subject(text: &str) -> Result<String, String> {
-    let length = text.chars().count();
-    if !(1..=256).contains(&length) {
-        return Err(format!("{length} characters; a user is 1 to 256"));
-    }
-    if text.contains('\0') {
-        return Err("a user has no NUL character".to_owned());
-    }
+    auth::check_subject(text)?;
     Ok(text.to_owned())
 }
 

@@ -113,14 +113,35 @@ async fn check_bearer(request: &Request, bearer: Bearer) -> poem::Result<Claims>
 
 /// Checks a token from a request; a bad one is a 401 that says why.
 pub fn verify_for_request(keys: &AuthKeys, token: &str) -> poem::Result<Claims> {
-    keys.verify(token).map_err(|error| {
+    let claims = keys.verify(token).map_err(|error| {
         let reason = match error.kind() {
             jsonwebtoken::errors::ErrorKind::ExpiredSignature => "the token has expired",
             jsonwebtoken::errors::ErrorKind::InvalidSignature => "the token's signature is invalid",
             _ => "the token is malformed",
         };
         poem::Error::from_string(reason, poem::http::StatusCode::UNAUTHORIZED)
-    })
+    })?;
+    // The subject becomes the rows' `user_id`: one that no filter can select, or that
+    // PostgreSQL cannot store, would lose the jobs' rows.
+    check_subject(&claims.sub).map_err(|reason| {
+        poem::Error::from_string(
+            format!("the token's subject: {reason}"),
+            poem::http::StatusCode::UNAUTHORIZED,
+        )
+    })?;
+    Ok(claims)
+}
+
+/// Whether `subject` can be a token's user: 1 to 256 characters, none of them NUL.
+pub fn check_subject(subject: &str) -> Result<(), String> {
+    let length = subject.chars().count();
+    if !(1..=256).contains(&length) {
+        return Err(format!("{length} characters; a user is 1 to 256"));
+    }
+    if subject.contains('\0') {
+        return Err("a user has no NUL character".to_owned());
+    }
+    Ok(())
 }
 
 impl Claims {

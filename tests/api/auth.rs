@@ -37,6 +37,23 @@ async fn requests_without_a_valid_token_get_401_and_without_the_role_403() {
         assert_eq!(body["error"], "unauthorized", "{what}: {body}");
     }
 
+    // Signed with the service's own secret, but for a user no row can be stored for.
+    for (subject, what) in [("", "empty"), ("a\0b", "NUL")] {
+        let token = app
+            .keys
+            .mint(subject, Role::Operator, chrono::Duration::hours(1))
+            .unwrap();
+        let response = app.telemetry_response("", Some(&token)).await;
+        assert_eq!(response.status(), 401, "{what} subject");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert!(
+            body["message"]
+                .as_str()
+                .is_some_and(|message| message.contains("subject")),
+            "{what}: {body}"
+        );
+    }
+
     let response = app
         .telemetry_response("", Some(&app.user_token("alice")))
         .await;
