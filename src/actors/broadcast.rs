@@ -32,8 +32,11 @@ pub enum Subscription {
         /// Every later message.
         receiver: broadcast::Receiver<Arc<ChannelEvent>>,
     },
-    /// The client's last sequence number is older than what is held.
+    /// The client's last sequence number is older than what is held, or no number of this
+    /// run.
     GapTooLarge {
+        /// The client's last sequence number.
+        after_seq: u64,
         /// The oldest sequence number still held.
         oldest_seq: u64,
         /// The newest sequence number published.
@@ -214,6 +217,7 @@ impl BroadcastState {
         let oldest_seq = self.held.front().map_or(self.next_seq, |event| event.seq);
         if after_seq < oldest_seq.saturating_sub(1) || after_seq > latest_seq {
             return Subscription::GapTooLarge {
+                after_seq,
                 oldest_seq,
                 latest_seq,
                 receiver,

@@ -2,7 +2,7 @@
 //!
 //! The token comes in the `Authorization` header or, for browsers, the `token` query
 //! parameter; it is checked before the upgrade. A client passing `after_seq` first receives
-//! the events it missed from the recent buffer. Close codes: 1001 when the service shuts
+//! the messages it missed from the last `client_queue` ones the channel holds. Close codes: 1001 when the service shuts
 //! down, 4001 when the token expires, 4008 when the client fell too far behind.
 //!
 //! Each client is served by its own task with its own receiver, so a client that stops
@@ -168,11 +168,12 @@ async fn serve_client(
     let (backlog, mut receiver) = match subscription {
         Subscription::Live { backlog, receiver } => (backlog, receiver),
         Subscription::GapTooLarge {
+            after_seq,
             oldest_seq,
             latest_seq,
             receiver,
         } => {
-            let reload = reload_notice(oldest_seq, latest_seq);
+            let reload = reload_notice(after_seq, oldest_seq, latest_seq);
             if !client
                 .send(Message::Text(reload.to_string()), &receiver)
                 .await
@@ -244,14 +245,19 @@ type Receiver = tokio::sync::broadcast::Receiver<std::sync::Arc<ChannelEvent>>;
 /// The `reload` notice: the envelope of every message, its figures in `data`. Its `seq` is
 /// the newest message published, so a client that keeps it as its last seen resumes exactly
 /// with the live messages that follow it.
-fn reload_notice(oldest_seq: u64, latest_seq: u64) -> serde_json::Value {
+fn reload_notice(after_seq: u64, oldest_seq: u64, latest_seq: u64) -> serde_json::Value {
+    let reason = if after_seq > latest_seq {
+        "after_seq is past every message of this run; reload from the endpoint"
+    } else {
+        "the messages after after_seq are no longer held; reload from the endpoint"
+    };
     json!({
         "type": "reload",
         "channel": crate::events::SYSTEM_CHANNEL,
         "seq": latest_seq,
         "emitted_at": chrono::Utc::now().to_rfc3339(),
         "data": {
-            "reason": "the messages after after_seq are no longer held; reload from the endpoint",
+            "reason": reason,
             "oldest_seq": oldest_seq,
             "latest_seq": latest_seq,
         },
