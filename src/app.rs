@@ -1,6 +1,7 @@
 //! Start-up: opens the database, starts the runtime, binds the listener, and serves until
-//! told to stop, then shuts down in order (stop taking requests, close WebSocket clients,
-//! stop the runtime, which flushes the writer).
+//! told to stop, then shuts down in order: the runtime first (no new jobs, running ones
+//! finish, every row is committed and every job's end published), then the WebSocket clients,
+//! each closed once it has every event, then the listener.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -216,6 +217,10 @@ impl Application {
         tracing::info!(address = %public_url, "listening");
         let shutdown = self.shutdown;
         let supervisor = self.state.runtime.supervisor.clone();
+        let broadcast = self.state.runtime.broadcast.clone();
+        // Taken before the server serves anyone: every later receiver of the signal is held by
+        // a channel client or a request in progress.
+        let receivers_without_clients = shutdown.receiver_count();
         let signal = async move {
             // The supervisor stops by itself when the writer, the broadcast or the registry
             // is gone: the service then cannot record or announce anything, so it stops too.
@@ -234,6 +239,12 @@ impl Application {
             let _ = supervisor
                 .call(SupervisorMessage::Shutdown, Some(Duration::from_secs(60)))
                 .await;
+            // The broadcast's stop closes each client with 1001 once it has sent the client
+            // every event; the signal would close a client at once, maybe before its last
+            // events, so it only closes those still there after the wait.
+            if broadcast.get_status() == ractor::ActorStatus::Stopped {
+                wait_for_clients(&shutdown, receivers_without_clients).await;
+            }
             let _ = shutdown.send(true);
         };
         Server::new_with_acceptor(self.acceptor)
@@ -241,6 +252,25 @@ impl Application {
             .await?;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// How long a shutdown waits for the channel's clients to be sent their last events and closed.
+const CLIENTS_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Waits until the channel's clients are gone, each having dropped its receiver of the shutdown
+/// signal, or `CLIENTS_CLOSE_TIMEOUT` has passed.
+async fn wait_for_clients(shutdown: &watch::Sender<bool>, receivers_without_clients: usize) {
+    let deadline = tokio::time::Instant::now() + CLIENTS_CLOSE_TIMEOUT;
+    while shutdown.receiver_count() > receivers_without_clients {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                clients = shutdown.receiver_count() - receivers_without_clients,
+                "channel clients still open after the shutdown's wait; closing them"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

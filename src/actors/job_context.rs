@@ -129,11 +129,17 @@ pub enum JobContextMessage {
     },
     /// The writer committed a job's row.
     RowCommitted(Uuid, GenerationItem),
+    /// The writer stopped without committing a job's row.
+    RowLost(Uuid),
     /// Refuses new jobs and records the queued ones as failed, before a shutdown.
     StopAccepting(RpcReplyPort<()>),
     /// Records the running jobs as failed and asks their devices to stop them, when a
     /// shutdown has waited long enough for them.
     StopRunning(RpcReplyPort<()>),
+    /// Answers once no submission is being stored and every row sent to the writer has come
+    /// back committed, with its job's end published: a shutdown waits for it before closing
+    /// the channel's clients.
+    AwaitRecorded(RpcReplyPort<()>),
 }
 
 /// Spawn arguments of the JobContextActor.
@@ -179,6 +185,10 @@ pub struct JobContextState {
     max_pending_jobs: usize,
     /// Submitted jobs whose storage has not ended yet.
     storing: usize,
+    /// Rows sent to the writer whose commit has not come back yet.
+    recording: usize,
+    /// Waiting for `storing` and `recording` to fall to zero.
+    recorded_waiters: Vec<RpcReplyPort<()>>,
     accepting: bool,
 }
 
@@ -214,6 +224,8 @@ impl Actor for JobContextActor {
             finished: VecDeque::new(),
             max_pending_jobs: args.max_pending_jobs,
             storing: 0,
+            recording: 0,
+            recorded_waiters: Vec::new(),
             accepting: true,
         };
         state.recover_interrupted(&myself).await?;
@@ -307,7 +319,13 @@ impl Actor for JobContextActor {
                 }
                 state.dispatch();
             }
-            JobContextMessage::RowCommitted(job_id, item) => state.row_committed(job_id, item),
+            JobContextMessage::RowCommitted(job_id, item) => {
+                state.recording = state.recording.saturating_sub(1);
+                state.row_committed(job_id, item);
+            }
+            JobContextMessage::RowLost(_) => {
+                state.recording = state.recording.saturating_sub(1);
+            }
             JobContextMessage::StopAccepting(reply) => {
                 state.stop_accepting(&myself);
                 let _ = reply.send(());
@@ -316,7 +334,9 @@ impl Actor for JobContextActor {
                 state.stop_running(&myself);
                 let _ = reply.send(());
             }
+            JobContextMessage::AwaitRecorded(reply) => state.recorded_waiters.push(reply),
         }
+        state.answer_if_recorded();
         Ok(())
     }
 }
@@ -680,17 +700,27 @@ impl JobContextState {
             tracing::error!(job.id = %job_id, "row lost: the writer is not running");
             return;
         }
+        self.recording += 1;
         let myself = myself.clone();
         tokio::spawn(async move {
-            match committed.await {
-                Ok(item) => {
-                    let _ = myself.cast(JobContextMessage::RowCommitted(job_id, item));
-                }
+            let message = match committed.await {
+                Ok(item) => JobContextMessage::RowCommitted(job_id, item),
                 Err(_) => {
-                    tracing::error!(job.id = %job_id, "the writer stopped before committing the job's row")
+                    tracing::error!(job.id = %job_id, "the writer stopped before committing the job's row");
+                    JobContextMessage::RowLost(job_id)
                 }
-            }
+            };
+            let _ = myself.cast(message);
         });
+    }
+
+    /// Answers those waiting for every row to be recorded, once none is on its way.
+    fn answer_if_recorded(&mut self) {
+        if self.storing == 0 && self.recording == 0 {
+            for reply in self.recorded_waiters.drain(..) {
+                let _ = reply.send(());
+            }
+        }
     }
 
     /// Refuses new jobs from now on, and records every queued job as failed: it was accepted,

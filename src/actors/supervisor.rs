@@ -64,8 +64,9 @@ pub enum SupervisorMessage {
     GetRuntime(RpcReplyPort<Runtime>),
     /// Starts a fresh actor for a device after a crash.
     RestartDevice(usize),
-    /// Stops the devices, then the registry, then the writer once it has committed what it
-    /// holds, then the broadcast.
+    /// Stops the devices, waits until every ended job's row is committed and its end
+    /// announced, then stops the registry, the writer once it has committed what it holds,
+    /// and the broadcast once it has published what it holds.
     Shutdown(RpcReplyPort<()>),
 }
 
@@ -277,11 +278,25 @@ async fn shutdown(state: &mut SupervisorState) {
             .call(JobContextMessage::StopRunning, timeout)
             .await;
     }
+    // Every job has now ended or been recorded as failed. A commit's acknowledgement reaches
+    // the registry after the writer has published the row, and only then does the registry
+    // announce the job's end: both must be out before the channel closes.
+    let recorded = state
+        .job_context
+        .call(JobContextMessage::AwaitRecorded, timeout)
+        .await;
+    if !matches!(recorded, Ok(CallResult::Success(()))) {
+        tracing::error!(
+            "rows still uncommitted after the shutdown's wait; their jobs' ends go unannounced"
+        );
+    }
     let _ = state.job_context.drain_and_wait(timeout).await;
     // Draining processes every row already sent before stopping, and the writer commits
     // what it still holds when it stops.
     let _ = state.writer.drain_and_wait(timeout).await;
-    let _ = state.broadcast.stop_and_wait(None, timeout).await;
+    // Drained, not stopped: a stop would drop the events still in its mailbox. Its fan-out
+    // channel closes with it, which closes every client once it has the last event.
+    let _ = state.broadcast.drain_and_wait(timeout).await;
 }
 
 async fn start_device(

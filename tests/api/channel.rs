@@ -861,20 +861,124 @@ async fn a_connected_client_gets_going_away_when_the_service_stops() {
         "before stop"
     );
 
+    // Still on their way to the client when the stop begins: it gets every one before the
+    // close.
+    const BURST: u32 = 500;
+    publish_burst(&app, 0, BURST, 4096);
+
     let client = tokio::spawn(async move {
-        let frame = closing_frame(&mut socket).await;
+        let mut steps = Vec::new();
+        let frame = loop {
+            match next_frame(&mut socket).await {
+                Some(Ok(Message::Text(text))) => steps.push(field_u64(&text, "step").unwrap()),
+                Some(Ok(Message::Close(Some(frame)))) => break frame,
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                other => panic!("the server ended without a close frame: {other:?}"),
+            }
+        };
         // The client library answers the close; after it the stream ends cleanly, not with
         // a reset.
         let after = next_frame(&mut socket).await;
-        (frame, after)
+        (steps, frame, after)
     });
     app.stop().await;
-    let (frame, after) = client.await.unwrap();
+    let (steps, frame, after) = client.await.unwrap();
+    assert!(
+        steps.iter().copied().eq(0..u64::from(BURST)),
+        "got {} of the {BURST} messages before the close",
+        steps.len()
+    );
     assert_eq!(u16::from(frame.code), 1001, "{frame:?}");
     assert!(
         matches!(after, None | Some(Ok(Message::Close(_)))),
         "a clean end after the close frame, got {after:?}"
     );
+}
+
+/// Every message a client gets until the service closes it, in order, and the close code.
+async fn read_until_close(mut socket: Socket) -> (Vec<Value>, u16) {
+    let mut received = Vec::new();
+    loop {
+        match next_frame(&mut socket).await {
+            Some(Ok(Message::Text(text))) => received.push(serde_json::from_str(&text).unwrap()),
+            Some(Ok(Message::Close(Some(frame)))) => return (received, u16::from(frame.code)),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            other => panic!("the server ended without a close frame, got {other:?}"),
+        }
+    }
+}
+
+/// Stops a service on `devices` while one job runs on each and two more wait, and checks what
+/// a client of the channel is told before it is closed.
+async fn a_stop_meets_running_and_queued_jobs(devices: &[&str]) {
+    let app = spawn_app_with(AppOptions {
+        devices: devices.iter().map(|name| name.to_string()).collect(),
+        ..AppOptions::default()
+    })
+    .await;
+    let mut socket = connect_with(&app, &app.token, "").await;
+    let job = |steps: u32, seed: usize| serde_json::json!({"media_type": "image", "prompt": "a job the stop meets", "width": 32, "height": 32, "steps": steps, "seed": seed});
+    let mut running = Vec::new();
+    for seed in 0..devices.len() {
+        running.push(app.submit(job(100, seed)).await);
+    }
+    let queued = [
+        app.submit(job(100, 100)).await,
+        app.submit(job(12, 101)).await,
+    ];
+    // Stopped once every long job is under way, well before any of them can end.
+    let mut under_way = std::collections::HashSet::new();
+    while under_way.len() < running.len() {
+        let event = next_json(&mut socket).await;
+        if event["type"] == "job.progress" {
+            under_way.insert(event["data"]["job_id"].as_str().unwrap().to_owned());
+        }
+    }
+
+    let client = tokio::spawn(read_until_close(socket));
+    app.stop().await;
+    let (received, close_code) = client.await.unwrap();
+    let summary: Vec<String> = received
+        .iter()
+        .map(|event| format!("{} {}", event["type"], event["data"]["job_id"]))
+        .collect();
+    let position = |event_type: &str, job_id: &str| {
+        received
+            .iter()
+            .position(|event| event["type"] == event_type && event["data"]["job_id"] == job_id)
+            .unwrap_or_else(|| panic!("no {event_type} of {job_id} before the close: {summary:#?}"))
+    };
+    for id in &running {
+        assert!(
+            position("telemetry.generation", id) < position("job.finished", id),
+            "a running job finishes: its row, then its end; {summary:#?}"
+        );
+    }
+    for id in &queued {
+        let failed = position("job.failed", id);
+        assert!(
+            position("telemetry.generation", id) < failed,
+            "a queued job is recorded as failed: its row, then its end; {summary:#?}"
+        );
+        assert_eq!(
+            received[failed]["data"]["error"], "the service stopped before the job ran",
+            "{summary:#?}"
+        );
+    }
+    assert_eq!(
+        close_code, 1001,
+        "closed after every job's end; {summary:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_publishes_the_end_of_every_job_before_going_away() {
+    a_stop_meets_running_and_queued_jobs(&["cpu"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_publishes_the_end_of_every_job_on_every_device_before_going_away() {
+    a_stop_meets_running_and_queued_jobs(&["cpu", "cpu"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
