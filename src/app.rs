@@ -235,10 +235,10 @@ impl Application {
                 _ = runtime_gone => {}
             }
             // Jobs end and their rows are committed and published while the channel's
-            // clients are still there to receive them; then the clients are closed.
-            let _ = supervisor
-                .call(SupervisorMessage::Shutdown, Some(Duration::from_secs(60)))
-                .await;
+            // clients are still there to receive them; then the clients are closed. Every
+            // step of the supervisor's shutdown has its own bound, so this call has none: a
+            // bound here, shorter than their sum, would close the clients in the middle.
+            let _ = supervisor.call(SupervisorMessage::Shutdown, None).await;
             // The broadcast's stop closes each client with 1001 once it has sent the client
             // every event; the signal would close a client at once, maybe before its last
             // events, so it only closes those still there after the wait.

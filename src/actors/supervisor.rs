@@ -263,14 +263,15 @@ async fn shutdown(state: &mut SupervisorState) {
         .call(JobContextMessage::StopAccepting, timeout)
         .await;
     // A device stops once its running job is done; its outcome is then in the registry's
-    // mailbox, which draining processes. A job still running after the wait is recorded as
-    // failed, and its device is left to stop at its next step.
-    let mut waited = Vec::new();
-    for child in &mut state.devices {
-        if let Some(cell) = child.cell.take() {
-            waited.push(cell.stop_and_wait(None, timeout).await.is_ok());
-        }
-    }
+    // mailbox, which draining processes. Every device is waited for at once, so the stop
+    // takes one wait however many devices the host has. A job still running after the wait
+    // is recorded as failed, and its device is left to stop at its next step.
+    let stops = state
+        .devices
+        .iter_mut()
+        .filter_map(|child| child.cell.take())
+        .map(|cell| async move { cell.stop_and_wait(None, timeout).await.is_ok() });
+    let waited = futures_util::future::join_all(stops).await;
     if waited.contains(&false) {
         tracing::warn!("a running job outlived the shutdown's wait; recording it as failed");
         let _ = state
