@@ -441,9 +441,13 @@ impl JobsApi {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
             && !name.starts_with('.');
-        let owned = matches!(find_job(&state, &auth, job_id.0).await, Ok(Some(_)));
+        // Only a file the job lists: a job cancelled after its files were written lists none.
+        let listed = matches!(
+            find_job(&state, &auth, job_id.0).await,
+            Ok(Some(job)) if job.files.iter().any(|file| file.name == name)
+        );
         let path = state.output_dir.join(job_id.0.to_string()).join(&name);
-        match (safe && owned).then_some(()) {
+        match (safe && listed).then_some(()) {
             Some(()) => match tokio::fs::read(&path).await {
                 Ok(bytes) if content_type(&name) == "image/gif" => {
                     FileResponse::Ok(OutputFile::Gif(Binary(bytes)))
@@ -514,18 +518,22 @@ async fn find_job(
         .one(&state.db)
         .await?
         .map(GenerationItem::from);
-    let mut names = Vec::new();
-    if let Ok(mut entries) = tokio::fs::read_dir(state.output_dir.join(job_id.to_string())).await {
-        while let Ok(Some(entry)) = entries.next_entry().await {
-            names.push(entry.file_name().to_string_lossy().into_owned());
-        }
-    }
-    names.sort();
     let status = match &metrics {
         Some(row) => JobStatus::parse(&row.status).unwrap_or(JobStatus::Failed),
         // Accepted by an earlier run of the service that stopped before the job ended.
         None => JobStatus::parse(&job.status).unwrap_or(JobStatus::Queued),
     };
+    // A job cancelled once its files were written has no files, as while it was registered.
+    let mut names = Vec::new();
+    if status == JobStatus::Succeeded
+        && let Ok(mut entries) =
+            tokio::fs::read_dir(state.output_dir.join(job_id.to_string())).await
+    {
+        while let Ok(Some(entry)) = entries.next_entry().await {
+            names.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    names.sort();
     Ok(Some(JobResponse {
         job_id,
         status,

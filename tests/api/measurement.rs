@@ -700,6 +700,14 @@ async fn a_cancel_accepted_after_the_last_step_still_leaves_a_cancelled_row() {
         json!([]),
         "no files of a cancelled job: {job}"
     );
+    let file = app
+        .client
+        .get(format!("{}/api/jobs/{id}/files/image-0.png", app.base_url))
+        .bearer_auth(&app.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(file.status(), 404, "nor served, though the worker wrote it");
 
     // The model crashes after the cancel was accepted: still a cancelled row, and the device
     // is rebuilt as after any crash.
@@ -864,34 +872,48 @@ async fn a_failed_synchronisation_leaves_a_failed_row() {
 }
 
 #[tokio::test]
-async fn a_job_still_running_when_a_stop_stops_waiting_is_recorded_as_failed() {
+async fn jobs_still_running_when_a_stop_stops_waiting_are_recorded_as_failed_on_every_device() {
     use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
     use seidra::storage::entities::generation_metrics;
 
-    let gpus = FakeGpus::named(&["cuda:0"]);
+    let gpus = FakeGpus::named(&["cuda:0", "cuda:1"]);
     let app = spawn_app_with(gpus.app_options()).await;
-    // Two minutes of steps: longer than a stop waits for a running job.
-    let long = app.submit(scripted_image("alloc 8; steps 240 500")).await;
+    // Two minutes of steps on each device: longer than a stop waits for running jobs.
+    let mut long = Vec::new();
+    for _ in 0..2 {
+        long.push(app.submit(scripted_image("alloc 8; steps 240 500")).await);
+    }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while app.job(&long).await["status"] != "running" {
-        assert!(tokio::time::Instant::now() < deadline, "the job never ran");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    for id in &long {
+        while app.job(id).await["status"] != "running" {
+            assert!(tokio::time::Instant::now() < deadline, "the job never ran");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     let db = app.db.clone();
     app.stop().await;
 
-    let row = generation_metrics::Entity::find()
-        .filter(generation_metrics::Column::JobId.eq(long.clone()))
-        .all(&db)
-        .await
-        .unwrap();
-    assert_eq!(row.len(), 1, "one row, however the job's work ends");
-    assert_eq!(row[0].status, "failed");
-    assert_eq!(row[0].extra["error"]["kind"], "service_stopped");
-    assert_eq!(row[0].device, "cuda:0");
-    assert!(
-        row[0].duration_seconds >= 29.0,
-        "{}",
-        row[0].duration_seconds
+    let mut devices = Vec::new();
+    for id in &long {
+        let row = generation_metrics::Entity::find()
+            .filter(generation_metrics::Column::JobId.eq(id.clone()))
+            .all(&db)
+            .await
+            .unwrap();
+        assert_eq!(row.len(), 1, "one row, however the job's work ends");
+        assert_eq!(row[0].status, "failed");
+        assert_eq!(row[0].extra["error"]["kind"], "service_stopped");
+        assert!(
+            row[0].duration_seconds >= 29.0,
+            "{}",
+            row[0].duration_seconds
+        );
+        devices.push(row[0].device.clone());
+    }
+    devices.sort();
+    assert_eq!(
+        devices,
+        ["cuda:0", "cuda:1"],
+        "each on the device it ran on"
     );
 }
