@@ -39,13 +39,11 @@ fn check_list(
     cuda_built: bool,
     gpu_count: impl Fn() -> anyhow::Result<usize>,
 ) -> anyhow::Result<Vec<String>> {
-    let names: Vec<String> = requested
-        .split(',')
-        .map(|name| name.trim().to_owned())
-        .collect();
+    let mut names = Vec::new();
     let mut gpus_taken = Vec::new();
-    for name in &names {
+    for name in requested.split(',').map(str::trim) {
         if name == "cpu" {
+            names.push(name.to_owned());
             continue;
         }
         let Some(index) = name.strip_prefix("cuda:") else {
@@ -70,6 +68,8 @@ fn check_list(
             );
         }
         gpus_taken.push(index);
+        // Rows name the device as CUDA does: `cuda:01` is `cuda:1`.
+        names.push(format!("cuda:{index}"));
     }
     Ok(names)
 }
@@ -188,6 +188,11 @@ mod tests {
         assert_eq!(
             check_list("cuda:1,cpu,cuda:0", true, two_gpus).unwrap(),
             ["cuda:1", "cpu", "cuda:0"]
+        );
+        assert_eq!(
+            check_list(" cuda:01 ", true, two_gpus).unwrap(),
+            ["cuda:1"],
+            "named as CUDA names it"
         );
         let error = format!("{:#}", check_list("cuda:x", true, two_gpus).unwrap_err());
         assert!(
