@@ -99,13 +99,7 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
             .parse()
             .context("the token is not a valid header value")?,
     );
-    let channel = match tokio_tungstenite::connect_async(request).await {
-        Ok((channel, _)) => Some(channel),
-        Err(error) => {
-            eprintln!("the channel `system` could not be opened ({error}); the job is polled");
-            None
-        }
-    };
+    let channel = tokio_tungstenite::connect_async(request).await;
     let client = reqwest::Client::new();
     let response = client
         .post(format!("{base}/api/jobs"))
@@ -140,22 +134,22 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
     bar.set_message(format!("job {job_id} queued"));
     bar.enable_steady_tick(Duration::from_millis(120));
     let followed = match channel {
-        Some(channel) => follow_on_channel(channel, &job_id, &bar).await,
-        None => Err(ChannelEnd::Closed("not opened".to_owned())),
+        Ok((channel, _)) => follow_on_channel(channel, &job_id, &bar).await,
+        Err(error) => Err(format!("could not be opened ({error})")),
     };
-    match followed {
-        Ok(()) => {}
-        Err(ChannelEnd::TokenExpired) => {
-            bar.abandon();
-            bail!(
-                "the token expired while job {job_id} was running; read it with a fresh token at {base}/api/jobs/{job_id}"
-            );
-        }
-        Err(ChannelEnd::Closed(why)) => {
+    let followed = match followed {
+        Ok(followed) => followed,
+        Err(why) => {
             bar.suspend(|| eprintln!("following job {job_id} by polling: the channel {why}"));
             bar.set_message(format!("job {job_id} (polling)"));
-            wait_by_polling(&client, &base, &args.token, &job_id).await?;
+            wait_by_polling(&client, &base, &args.token, &job_id).await?
         }
+    };
+    if followed == Followed::TokenExpired {
+        bar.abandon();
+        bail!(
+            "the token expired while job {job_id} was running; read it with a fresh token at {base}/api/jobs/{job_id}"
+        );
     }
     bar.finish_and_clear();
 
@@ -177,34 +171,36 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Why the channel stopped before the job ended.
-enum ChannelEnd {
-    /// Closed with 4001: the token can read nothing more.
+/// How following a job ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Followed {
+    /// The job ended.
+    JobEnded,
+    /// The token expired: it can read nothing more.
     TokenExpired,
-    /// Closed or lost otherwise, in these words.
-    Closed(String),
 }
 
-/// Shows the job's progress until it ends; why not, when the channel closes first.
+/// Shows the job's progress until it ends or the token expires; why not, when the channel
+/// closes first.
 async fn follow_on_channel(
     mut channel: Channel,
     job_id: &str,
     bar: &ProgressBar,
-) -> Result<(), ChannelEnd> {
+) -> Result<Followed, String> {
     while let Some(message) = channel.next().await {
         let text = match message {
             Ok(Message::Text(text)) => text,
             Ok(Message::Close(Some(frame))) if u16::from(frame.code) == CLOSE_TOKEN_EXPIRED => {
-                return Err(ChannelEnd::TokenExpired);
+                return Ok(Followed::TokenExpired);
             }
             Ok(Message::Close(frame)) => {
-                return Err(ChannelEnd::Closed(frame.map_or_else(
+                return Err(frame.map_or_else(
                     || "closed with no close code".to_owned(),
                     |frame| format!("closed with {} {}", u16::from(frame.code), frame.reason),
-                )));
+                ));
             }
             Ok(_) => continue,
-            Err(error) => return Err(ChannelEnd::Closed(format!("was lost: {error}"))),
+            Err(error) => return Err(format!("was lost: {error}")),
         };
         let Ok(event) = serde_json::from_str::<Value>(&text) else {
             continue;
@@ -221,21 +217,21 @@ async fn follow_on_channel(
                 bar.set_length(event["data"]["steps"].as_u64().unwrap_or(0));
                 bar.set_position(event["data"]["step"].as_u64().unwrap_or(0));
             }
-            Some("job.finished" | "job.failed" | "job.cancelled") => return Ok(()),
+            Some("job.finished" | "job.failed" | "job.cancelled") => return Ok(Followed::JobEnded),
             _ => {}
         }
     }
-    Err(ChannelEnd::Closed("ended".to_owned()))
+    Err("ended".to_owned())
 }
 
-/// Reads the job until it has ended. A service that cannot be reached is tried again for
-/// `UNREACHABLE_LIMIT`; an answer other than the job (a refused token) ends the wait.
+/// Reads the job until it has ended or the token has expired. A service that cannot be
+/// reached is tried again for `UNREACHABLE_LIMIT`; another answer than the job ends the wait.
 async fn wait_by_polling(
     client: &reqwest::Client,
     base: &str,
     token: &str,
     job_id: &str,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Followed> {
     let mut unreachable_since = None;
     loop {
         let answer = client
@@ -251,14 +247,18 @@ async fn wait_by_polling(
                     job["status"].as_str(),
                     Some("succeeded" | "failed" | "cancelled")
                 ) {
-                    return Ok(());
+                    return Ok(Followed::JobEnded);
                 }
             }
-            Ok(response) => bail!(
-                "reading job {job_id}: {} {}",
-                response.status(),
-                response.text().await.unwrap_or_default()
-            ),
+            Ok(response) => {
+                let status = response.status();
+                let text = response.text().await.unwrap_or_default();
+                // The service's 401 says why; only an expired token is worth a new one.
+                if status == reqwest::StatusCode::UNAUTHORIZED && text.contains("expired") {
+                    return Ok(Followed::TokenExpired);
+                }
+                bail!("reading job {job_id}: {status} {text}");
+            }
             Err(error) => {
                 let since = *unreachable_since.get_or_insert_with(tokio::time::Instant::now);
                 if since.elapsed() > UNREACHABLE_LIMIT {
