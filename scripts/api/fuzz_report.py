@@ -106,8 +106,8 @@ def main() -> int:
     # A case with no checks of its own but a response is a check's extra request (the same
     # call without the token, for one), judged under the case that made it.
     unanswered = {
-        case_id for case_id, interaction in interactions.items()
-        if not (interaction or {}).get("response")
+        case_id for case_id in set(cases) | set(interactions)
+        if not (interactions.get(case_id) or {}).get("response")
     }
     auxiliary = set(cases) - checked_ids - unanswered
     passed_ids = checked_ids - failed_ids - memory_refused - unanswered
