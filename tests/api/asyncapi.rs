@@ -162,14 +162,7 @@ fn renamed_fields(message: &Value) -> Vec<(String, Value)> {
 /// Submits a job and asks for it to be cancelled at once.
 async fn submit_and_cancel(app: &TestApp, body: Value) -> String {
     let id = app.submit(body).await;
-    let response = app
-        .client
-        .post(format!("{}/api/jobs/{id}/cancel", app.base_url))
-        .bearer_auth(&app.token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 202, "cancel {id}");
+    assert_eq!(app.cancel(&id).await, 202, "cancel {id}");
     id
 }
 

@@ -226,6 +226,18 @@ impl TestApp {
         response.json().await.unwrap()
     }
 
+    /// Asks, with the operator token, for job `id` to be cancelled; answers the status code.
+    pub async fn cancel(&self, id: &str) -> u16 {
+        self.client
+            .post(format!("{}/api/jobs/{id}/cancel", self.base_url))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
     /// The raw telemetry response with any token.
     pub async fn telemetry_response(&self, query: &str, token: Option<&str>) -> reqwest::Response {
         let mut request = self.client.get(format!(

@@ -48,17 +48,6 @@ async fn run_job(app: &TestApp, body: Value) -> Value {
     app.wait_for_job(&id).await["metrics"].clone()
 }
 
-async fn cancel(app: &TestApp, id: &str) -> u16 {
-    app.client
-        .post(format!("{}/api/jobs/{id}/cancel", app.base_url))
-        .bearer_auth(&app.token)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
-}
-
 fn number(row: &Value, column: &str) -> f64 {
     row[column]
         .as_f64()
@@ -197,7 +186,7 @@ async fn a_row_the_database_holds_back_is_past_cancelling_and_its_total_runs_to_
     // Its row is decided and waits in the writer: a cancel is too late, though the job is
     // not reported finished before the commit.
     assert_eq!(app.job(&id).await["status"], "running");
-    assert_eq!(cancel(&app, &id).await, 409);
+    assert_eq!(app.cancel(&id).await, 409);
     holder.execute("ROLLBACK").await.unwrap();
     let released = std::time::Instant::now();
     holder.close().await.unwrap();
@@ -656,7 +645,7 @@ async fn a_cancel_accepted_after_the_last_step_still_leaves_a_cancelled_row() {
         (job["progress"]["done"].as_u64() == Some(1)).then_some(())
     })
     .await;
-    assert_eq!(cancel(&app, &id).await, 202);
+    assert_eq!(app.cancel(&id).await, 202);
     let row = app.wait_for_job(&id).await["metrics"].clone();
     assert_eq!(row["status"], "cancelled", "{row}");
     assert_eq!(row["outputs"], 0);
@@ -673,7 +662,7 @@ async fn a_cancel_accepted_after_the_last_step_still_leaves_a_cancelled_row() {
         (app_ref.job(id_ref).await["status"] == "running").then_some(())
     })
     .await;
-    assert_eq!(cancel(&app, &id).await, 202);
+    assert_eq!(app.cancel(&id).await, 202);
     let row = app.wait_for_job(&id).await["metrics"].clone();
     assert_eq!(row["status"], "cancelled", "{row}");
     assert!(
@@ -690,7 +679,7 @@ async fn a_cancel_accepted_after_the_last_step_still_leaves_a_cancelled_row() {
         (!gpus_ref.runs_of(syncing).is_empty()).then_some(())
     })
     .await;
-    assert_eq!(cancel(&app, &id).await, 202);
+    assert_eq!(app.cancel(&id).await, 202);
     let row = app.wait_for_job(&id).await["metrics"].clone();
     assert_eq!(row["status"], "cancelled", "{row}");
     assert_eq!(row["outputs"], 0);
@@ -718,7 +707,7 @@ async fn a_cancel_accepted_after_the_last_step_still_leaves_a_cancelled_row() {
         (app_ref.job(id_ref).await["progress"]["done"].as_u64() == Some(1)).then_some(())
     })
     .await;
-    assert_eq!(cancel(&app, &id).await, 202);
+    assert_eq!(app.cancel(&id).await, 202);
     let row = app.wait_for_job(&id).await["metrics"].clone();
     assert_eq!(row["status"], "cancelled", "{row}");
 
@@ -745,8 +734,8 @@ async fn cancelled_jobs_leave_cancelled_rows_and_the_summary_averages_succeeded_
     .await;
     assert_eq!(app.job(&queued).await["status"], "queued");
 
-    assert_eq!(cancel(&app, &queued).await, 202);
-    assert_eq!(cancel(&app, &running).await, 202);
+    assert_eq!(app.cancel(&queued).await, 202);
+    assert_eq!(app.cancel(&running).await, 202);
     let queued_row = app.wait_for_job(&queued).await["metrics"].clone();
     let running_row = app.wait_for_job(&running).await["metrics"].clone();
 
@@ -780,7 +769,7 @@ async fn cancelled_jobs_leave_cancelled_rows_and_the_summary_averages_succeeded_
     let failed_row = run_job(&app, scripted_image("alloc 16; step; fail boom")).await;
     assert_eq!(succeeded_row["status"], "succeeded");
     assert_eq!(failed_row["status"], "failed");
-    assert_eq!(cancel(&app, &succeeded).await, 409, "it has ended");
+    assert_eq!(app.cancel(&succeeded).await, 409, "it has ended");
 
     let answer = app.telemetry("limit=100").await;
     let summary = &answer["summary"];

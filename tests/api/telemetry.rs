@@ -373,14 +373,7 @@ async fn user_persona_device_and_status_filters_select_the_matching_items() {
     let bob_works = submit_as(&app, &bob, scripted(works, Some("p-1"))).await;
     let bob_other = submit_as(&app, &bob, scripted(works, Some("p-2"))).await;
     let cancelled = app.submit(scripted("alloc 16; steps 200 20", None)).await;
-    let response = app
-        .client
-        .post(format!("{}/api/jobs/{cancelled}/cancel", app.base_url))
-        .bearer_auth(&app.token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 202);
+    assert_eq!(app.cancel(&cancelled).await, 202);
     let jobs = [
         &alice_works,
         &alice_fails,
